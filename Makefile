@@ -1,0 +1,49 @@
+# BrushNet training framework. `make demo` and `make test` work on a fresh machine:
+# every target installs what it needs first (a stamp file skips it afterwards).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch pair is installed first and can be overridden for a cluster's CUDA build, e.g.
+#   make install TORCH_SPEC="torch==2.5.1 torchvision==0.20.1" TORCH_INDEX=--index-url=https://...
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
+EXTRAS ?= train,data,sam,eval,dev
+STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-slow test-all lint format demo data clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH_INDEX) $(TORCH_SPEC)
+	$(BIN)/pip install -e ".[$(EXTRAS)]"
+	touch $@
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
+
+test-all: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m brushnet.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
