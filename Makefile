@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint format demo data clean
+.PHONY: install test test-slow test-all lint format demo data slurm-check bench clean
 
 install: $(STAMP)
 
@@ -42,8 +42,23 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# `make demo`: tiny base + tiny BrushData set from real photos, a few hundred CPU steps, export, grids.
+# `make demo BASE=<hub id or folder>` trains the same way on a real base model.
+BASE ?=
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m brushnet.demo
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python -m train.demo $(if $(BASE),--base $(BASE))
+
+# `make data`: the embedded default builds a small real BrushData set offline (loopback HTTP server);
+# `make data CONFIG=configs/data/laion_aesthetic_6plus.yaml METADATA=...` runs the real thing.
+CONFIG ?=
+METADATA ?=
+DATA_OUT ?= data/demo
+data: install
+	$(if $(CONFIG),$(BIN)/python -m data_pipeline chain --config $(CONFIG) $(if $(METADATA),--metadata $(METADATA)),$(BIN)/python -m data_pipeline demo --out $(DATA_OUT))
+
+# Validate the Slurm scripts against the cluster you are on (sbatch --test-only).
+slurm-check:
+	bash slurm/check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

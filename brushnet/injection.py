@@ -89,7 +89,9 @@ def brushnet_residuals(
             "built from a UNet of the same architecture?"
         )
     handles = [down_t[0].register_forward_pre_hook(_input_hook(down_block_add_samples[0]), with_kwargs=True)]
-    handles += [m.register_forward_hook(_output_hook(r)) for m, r in zip(down_t[1:], down_block_add_samples[1:])]
+    handles += [
+        m.register_forward_hook(_output_hook(r)) for m, r in zip(down_t[1:], down_block_add_samples[1:])
+    ]
     handles.append(mid_t.register_forward_hook(_output_hook(mid_block_add_sample)))
     handles += [m.register_forward_hook(_output_hook(r)) for m, r in zip(up_t, up_block_add_samples)]
     try:

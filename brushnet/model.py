@@ -303,7 +303,9 @@ class BrushNetModel(ModelMixin, ConfigMixin):
             return [conditioning_scale] * n
         scales = list(conditioning_scale)
         if len(scales) != n:
-            raise ValueError(f"a per-layer conditioning_scale needs {n} values (down, mid, up), got {len(scales)}")
+            raise ValueError(
+                f"a per-layer conditioning_scale needs {n} values (down, mid, up), got {len(scales)}"
+            )
         return scales
 
     def _run(self, module: nn.Module, *args):
@@ -380,7 +382,11 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         t = t.expand(sample.shape[0])
         emb = self.time_embedding(self.time_proj(t).to(dtype=sample.dtype))
         if self.config.addition_embed_type == "text_time":
-            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+            if (
+                not added_cond_kwargs
+                or "text_embeds" not in added_cond_kwargs
+                or "time_ids" not in added_cond_kwargs
+            ):
                 raise ValueError(
                     "this BrushNet (addition_embed_type='text_time', SDXL) needs added_cond_kwargs with "
                     "'text_embeds' and 'time_ids'"

@@ -46,9 +46,12 @@ def clip_merges_from_open_clip() -> list[str]:
     try:
         import open_clip
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("vocab='clip' needs the open-clip-torch package (pip install open-clip-torch)") from e
+        raise RuntimeError(
+            "vocab='clip' needs the open-clip-torch package (pip install open-clip-torch)"
+        ) from e
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     # Same slice as CLIP's SimpleTokenizer: skip the header, keep 49152 - 256 - 2 merges.
     return lines[1 : 49152 - 256 - 2 + 1]
 

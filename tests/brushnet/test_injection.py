@@ -40,7 +40,7 @@ def _reference_forward(unet, sample, t, ehs, down, mid, up, added=None):
     else:
         h = unet.mid_block(h, emb)
     h = h + mid
-    for i, block in enumerate(unet.up_blocks):
+    for block in unet.up_blocks:
         res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
         attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
         for resnet, attn in zip(block.resnets, attns):
@@ -95,7 +95,9 @@ def test_spy_each_residual_lands_between_its_layer_and_the_next(setup):
     order = [*down_t[1:], mid_t, *up_t]  # execution order of the modules whose outputs get a residual
     seen: list[torch.Tensor] = []
     handles = [
-        m.register_forward_hook(lambda mod, a, out: seen.append((out[0] if isinstance(out, tuple) else out).clone()))
+        m.register_forward_hook(
+            lambda mod, a, out: seen.append((out[0] if isinstance(out, tuple) else out).clone())
+        )
         for m in order
     ]
     with torch.no_grad():
@@ -107,7 +109,14 @@ def test_spy_each_residual_lands_between_its_layer_and_the_next(setup):
         seen.clear()
         with torch.no_grad():
             out = unet_forward_with_brushnet(
-                unet, sample, t, ehs, residuals[:nd], residuals[nd], residuals[nd + 1 :], added_cond_kwargs=added
+                unet,
+                sample,
+                t,
+                ehs,
+                residuals[:nd],
+                residuals[nd],
+                residuals[nd + 1 :],
+                added_cond_kwargs=added,
             )
         return [*seen], out
 
@@ -119,7 +128,9 @@ def test_spy_each_residual_lands_between_its_layer_and_the_next(setup):
             bumped[j] = torch.ones_like(flat[j])
             outs, final = run(bumped)
             # residual j (j >= 1) is added to the output of order[j - 1]; residual 0 to the first input
-            assert all(torch.equal(a, b) for a, b in zip(outs[:j], base[:j])), f"residual {j} landed too early"
+            assert all(torch.equal(a, b) for a, b in zip(outs[:j], base[:j])), (
+                f"residual {j} landed too early"
+            )
             if j < len(order):
                 assert not torch.equal(outs[j], base[j]), f"residual {j} did not reach layer {j}"
             assert not torch.equal(final, base_out)
@@ -157,7 +168,7 @@ def test_wrong_number_of_residuals_is_a_clear_error(setup):
     kind, unet, branch, (sample, t, ehs, cond, added) = setup
     with torch.no_grad():
         down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added)
-    with pytest.raises(ValueError, match="down and .* up residuals"):
+    with pytest.raises(ValueError, match=r"down and .* up residuals"):
         unet_forward_with_brushnet(unet, sample, t, ehs, down[:-1], mid, up, added_cond_kwargs=added)
 
 

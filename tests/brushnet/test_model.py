@@ -38,7 +38,10 @@ SDXL_UNET = dict(
 
 
 def _official_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    rows = (line.rstrip("\n").split("\t") for line in (OFFICIAL / f"official_brushnet_{name}_state_dict.tsv").open())
+    rows = (
+        line.rstrip("\n").split("\t")
+        for line in (OFFICIAL / f"official_brushnet_{name}_state_dict.tsv").open()
+    )
     return {k: tuple(int(x) for x in s.strip("()").split(",") if x.strip()) for k, s in rows}
 
 
@@ -95,9 +98,15 @@ def test_from_unet_copies_weights(kind):
     with torch.no_grad():
         branch.conv_in_condition.bias.add_(1.0)
     assert not torch.equal(branch.conv_in_condition.bias, unet.conv_in.bias)
-    torch.testing.assert_close(branch.down_blocks[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight)
-    torch.testing.assert_close(branch.mid_block.resnets[1].conv2.weight, unet.mid_block.resnets[1].conv2.weight)
-    torch.testing.assert_close(branch.up_blocks[-1].resnets[-1].norm1.weight, unet.up_blocks[-1].resnets[-1].norm1.weight)
+    torch.testing.assert_close(
+        branch.down_blocks[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight
+    )
+    torch.testing.assert_close(
+        branch.mid_block.resnets[1].conv2.weight, unet.mid_block.resnets[1].conv2.weight
+    )
+    torch.testing.assert_close(
+        branch.up_blocks[-1].resnets[-1].norm1.weight, unet.up_blocks[-1].resnets[-1].norm1.weight
+    )
     if kind == "sdxl":  # official code leaves add_embedding random; we copy it
         torch.testing.assert_close(branch.add_embedding.linear_1.weight, unet.add_embedding.linear_1.weight)
     zero_convs = [*branch.brushnet_down_blocks, branch.brushnet_mid_block, *branch.brushnet_up_blocks]
@@ -112,7 +121,10 @@ def _inputs(kind: str, batch: int = 2, size: int = 8):
     ehs = torch.randn(batch, 5, cfg["cross_attention_dim"], generator=g)
     added = None
     if kind == "sdxl":
-        added = {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": torch.randn(batch, 6, generator=g)}
+        added = {
+            "text_embeds": torch.randn(batch, 32, generator=g),
+            "time_ids": torch.randn(batch, 6, generator=g),
+        }
     return sample, torch.tensor([10, 500]), ehs, cond, added
 
 
