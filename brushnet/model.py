@@ -264,7 +264,7 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         )
         if load_weights_from_unet:
             branch._copy_weights_from(unet)
-        return branch.to(dtype=unet.dtype)
+        return branch if unet.dtype == branch.dtype else branch.to(dtype=unet.dtype)
 
     @torch.no_grad()
     def _copy_weights_from(self, unet) -> None:

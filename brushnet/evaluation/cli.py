@@ -1,0 +1,135 @@
+"""``brushnet evaluate``: generate a BrushBench/EditBench run (resumable) and score it.
+
+Register in ``brushnet/cli.py``::
+
+    from brushnet.evaluation import cli as evaluate_cli
+    evaluate_cli.add_parser(sub)            # next to the "inpaint" parser
+    if args.command == "evaluate": return evaluate_cli.run(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from brushnet.evaluation.benchmark import DEFAULT_SEED, MASK_KEYS
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="generate and score BrushBench / EditBench",
+        description="Inpaint every benchmark entry (skipping images already generated) and write per-image "
+        "and summary CSVs, a markdown report and best/worst grids to --out.",
+    )
+    p.add_argument("--benchmark", required=True, type=Path, help="benchmark root (holds mapping_file.json)")
+    p.add_argument(
+        "--mapping", type=Path, default=None, help="mapping file (default: <benchmark>/mapping_file.json)"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder (generated images, CSVs, report)")
+    p.add_argument(
+        "--mask-kind",
+        choices=sorted(MASK_KEYS),
+        default="inside",
+        help="inside = inpainting_mask, outside = outpainting_mask (default inside)",
+    )
+    p.add_argument("--base", help="base model: diffusers folder or hub id (needed unless --no-generate)")
+    p.add_argument("--brushnet", help="BrushNet branch folder or hub id (needed unless --no-generate)")
+    p.add_argument(
+        "--blended",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="blurred paste-back into the source (official --blended; default off)",
+    )
+    p.add_argument("--conditioning-scale", type=float, default=1.0, help="brushnet_conditioning_scale")
+    p.add_argument("--scheduler", default="unipc", help="scheduler short name or class (default unipc)")
+    p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"per-image seed (default {DEFAULT_SEED})")
+    p.add_argument("--limit", type=int, default=None, help="only the first N entries")
+    p.add_argument(
+        "--metrics-config",
+        type=Path,
+        default=None,
+        help="YAML/JSON with local weight paths of the model-based metrics (absent = unavailable)",
+    )
+    p.add_argument("--no-generate", action="store_true", help="only score images already in --out")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default fp16 on cuda, fp32 on cpu")
+    return p
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Path]:
+    import torch
+
+    from brushnet.evaluation.benchmark import GenerationSettings, generate, load_mapping
+    from brushnet.evaluation.evaluate import Evaluator, score_folder
+    from brushnet.evaluation.report import write_report
+    from brushnet.evaluation.scorers import ModelPaths, load_model_paths
+
+    items = load_mapping(args.mapping or args.benchmark / "mapping_file.json", args.mask_kind)
+    if args.limit is not None:
+        items = items[: args.limit]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    settings = None
+    if not args.no_generate:
+        if not args.base or not args.brushnet:
+            raise ValueError("--base and --brushnet are required to generate (or pass --no-generate)")
+        if args.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        from brushnet.pipeline import BrushNetInpaintPipeline
+
+        settings = GenerationSettings(
+            base=str(args.base),
+            brushnet=str(args.brushnet),
+            mask_kind=args.mask_kind,
+            blended=args.blended,
+            conditioning_scale=args.conditioning_scale,
+            scheduler=args.scheduler,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+        )
+        dtype = getattr(torch, _DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
+        pipe = BrushNetInpaintPipeline.from_base(
+            args.base, args.brushnet, scheduler=args.scheduler, torch_dtype=dtype
+        ).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        stats = generate(pipe, items, args.benchmark, args.out, settings, progress=log)
+        log(f"generated {stats.generated}, skipped {stats.skipped} already generated")
+        del pipe
+    paths = load_model_paths(args.metrics_config) if args.metrics_config else ModelPaths()
+    evaluator = Evaluator.from_paths(paths, device=device)
+    for name, reason in evaluator.unavailable.items():
+        log(f"metric {name} unavailable: {reason}")
+    rows = score_folder(items, args.benchmark, args.out, evaluator, progress=log)
+    return write_report(
+        args.out,
+        rows,
+        evaluator.columns,
+        evaluator.unavailable,
+        items,
+        asdict(settings) if settings else None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from brushnet.evaluation.benchmark import BenchmarkError
+    from brushnet.loading import BaseModelError
+    from brushnet.masks import MaskError
+
+    try:
+        paths = evaluate(args)
+    except (BenchmarkError, MaskError, BaseModelError, FileNotFoundError, ValueError) as e:
+        print(f"brushnet evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {paths['summary']} and {paths['report']}")
+    return 0

@@ -1,0 +1,489 @@
+"""`BrushNetInpaintPipeline`: text-guided inpainting with a BrushNet branch on a stock SD 1.5 / SD 2.x / SDXL.
+
+Behaviour follows the official ``StableDiffusionBrushNetPipeline`` / ``StableDiffusionXLBrushNetPipeline``
+(TencentARC/BrushNet ``src/diffusers/pipelines/brushnet``) and its example scripts:
+
+* the user's mask is white = inpaint; the pipeline builds the masked image itself (hole black, i.e. -1 in
+  VAE input space, like ``image * (1 - mask)`` in ``examples/brushnet/test_brushnet.py``), encodes it
+  with the VAE (times ``scaling_factor``) and appends the keep-mask (1 = keep) resized to latent size
+  with nearest interpolation;
+* at every step the branch sees ``[masked latents, mask]`` (duplicated for classifier-free guidance) and
+  its residuals are added to the frozen UNet (:func:`brushnet.unet_forward_with_brushnet`);
+* ``control_guidance_start/end``: outside that fraction of the steps the branch's scale is 0 (same keep
+  rule as the ControlNet pipelines); a step whose scale is 0 everywhere skips the branch, which gives the
+  plain UNet's output exactly (adding zero residuals changes nothing);
+* after decoding, blurred blending (on by default, ``blend=False`` to switch it off) pastes the result
+  into the original image with a Gaussian-feathered mask, so pixels far from the mask are the input's.
+
+Unlike the official pipeline, the output always has the input image's size: images whose sides are not
+multiples of the VAE factor (8) are processed at the nearest smaller multiple and resized back before
+blending. One class serves every base; an SDXL base is recognised by its ``text_encoder_2``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from brushnet.injection import unet_forward_with_brushnet
+from brushnet.loading import check_branch_matches_unet, load_base_components, resolve_pretrained
+from brushnet.masks import blurred_blend, load_user_mask
+from brushnet.model import BrushNetModel
+from brushnet.pipeline_xl import encode_prompt_sdxl, sdxl_time_ids, tokenize
+
+ImageInput = str | os.PathLike | PIL.Image.Image | np.ndarray
+
+# Short names accepted by `scheduler=` / `brushnet inpaint --scheduler`; any diffusers scheduler class name
+# (e.g. "HeunDiscreteScheduler") works too.
+SCHEDULERS = {
+    "unipc": "UniPCMultistepScheduler",  # official examples/brushnet/test_brushnet.py
+    "dpm++": "DPMSolverMultistepScheduler",  # official test_brushnet_sdxl.py
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+def make_scheduler(name: str | SchedulerMixin, base_config: Any) -> SchedulerMixin:
+    """A scheduler by short name or diffusers class name, built from the base model's scheduler config."""
+    if isinstance(name, SchedulerMixin):
+        return name
+    return _scheduler_class(name).from_config(base_config)
+
+
+def _scheduler_class(name: str) -> type[SchedulerMixin]:
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS.get(name.lower(), name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(
+            f"unknown scheduler {name!r}: use one of {sorted(SCHEDULERS)} or a diffusers scheduler class name"
+        )
+    return cls
+
+
+def encode_prompt_sd(
+    tokenizer, text_encoder, prompts: Sequence[str], device: torch.device | str
+) -> torch.Tensor:
+    """SD 1.5 / 2.x prompt embeddings: the text encoder's last hidden state (B x 77 x d)."""
+    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+
+
+def load_rgb(image: ImageInput) -> np.ndarray:
+    """An RGB image (file path, PIL image or HxWx3/HxW array) as uint8 HxWx3."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"input image {str(path)!r} does not exist")
+        try:
+            with PIL.Image.open(path) as im:
+                return np.asarray(im.convert("RGB")).copy()
+        except PIL.UnidentifiedImageError as e:
+            raise ValueError(f"input image {str(path)!r} is not an image file PIL can read") from e
+    if isinstance(image, PIL.Image.Image):
+        return np.asarray(image.convert("RGB")).copy()
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ValueError(
+            f"an image array must be uint8 HxW, HxWx3 or HxWx4, got dtype {arr.dtype} shape {arr.shape}"
+        )
+    return np.asarray(PIL.Image.fromarray(arr).convert("RGB")).copy()
+
+
+def load_inpaint_mask(mask: ImageInput, size_hw: tuple[int, int]) -> np.ndarray:
+    """The user's mask (white = inpaint) as bool HxW at ``size_hw``.
+
+    A mask of another size with the same aspect ratio (within 1%) is resized (nearest); any other size is
+    an error naming both sizes.
+    """
+    inpaint = load_user_mask(mask)
+    h, w = size_hw
+    if inpaint.shape == (h, w):
+        return inpaint
+    mh, mw = inpaint.shape
+    if abs(mw / mh - w / h) > 0.01 * (w / h):
+        raise ValueError(
+            f"mask size {mw}x{mh} (WxH) does not match the image size {w}x{h} and has another aspect ratio"
+        )
+    return _resize_mask(inpaint, size_hw)
+
+
+def _resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    if mask.shape == tuple(size_hw):
+        return mask
+    resized = PIL.Image.fromarray(mask.astype(np.uint8) * 255).resize(size_hw[::-1], PIL.Image.NEAREST)
+    return np.asarray(resized) >= 128
+
+
+def _resize_rgb(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    if rgb.shape[:2] == tuple(size_hw):
+        return rgb
+    return np.asarray(PIL.Image.fromarray(rgb).resize(size_hw[::-1], PIL.Image.BICUBIC))
+
+
+def guidance_keep(step: int, num_steps: int, start: float, end: float) -> float:
+    """1.0 where the branch is active at ``step`` of ``num_steps``, else 0.0 (ControlNet pipelines' rule)."""
+    return 1.0 - float(step / num_steps < start or (step + 1) / num_steps > end)
+
+
+@dataclass
+class BrushNetInpaintOutput(BaseOutput):
+    """``images``: list of PIL images, uint8 N x H x W x 3 array (``output_type="np"``) or latents."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class BrushNetInpaintPipeline(DiffusionPipeline):
+    """Inpainting with a BrushNet branch: SD 1.5 / SD 2.x (no ``text_encoder_2``) or SDXL bases.
+
+    Build it with :meth:`from_base`, or with ``from_pretrained`` on a folder written by ``save_pretrained``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->brushnet->unet->vae"
+    _optional_components: ClassVar[list[str]] = ["text_encoder_2", "tokenizer_2"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        brushnet: BrushNetModel,
+        scheduler: SchedulerMixin,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        super().__init__()
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError(
+                "an SDXL base needs both text_encoder_2 and tokenizer_2 (or neither for SD 1.5/2.x)"
+            )
+        check_branch_matches_unet(brushnet, unet)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            brushnet=brushnet,
+            scheduler=scheduler,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
+        # SDXL only (as in diffusers' StableDiffusionXLPipeline): no negative prompt -> zero embeddings.
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @classmethod
+    def from_base(
+        cls,
+        base: str | os.PathLike,
+        brushnet: BrushNetModel | str | os.PathLike,
+        *,
+        scheduler: str | SchedulerMixin = "unipc",
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        vae: str | os.PathLike | None = None,
+    ) -> BrushNetInpaintPipeline:
+        """A pipeline from a base model (diffusers folder or hub id) and a branch (model, folder or hub id).
+
+        ``scheduler`` is a short name (see :data:`SCHEDULERS`), a diffusers scheduler class name, or a
+        scheduler instance; names are built from the base's scheduler config. ``vae`` optionally replaces
+        the base's VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix`` for SDXL in fp16, as the official example).
+        """
+        if isinstance(scheduler, str):
+            _scheduler_class(scheduler)  # fail on a bad name before loading anything
+        if not isinstance(brushnet, BrushNetModel):
+            brushnet = load_brushnet(brushnet, torch_dtype=torch_dtype)
+        parts = load_base_components(base, variant=variant, vae=vae, torch_dtype=torch_dtype)
+        force_zeros = True
+        if parts.path is not None and (parts.path / "model_index.json").is_file():
+            index = json.loads((parts.path / "model_index.json").read_text())
+            force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
+        return cls(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=parts.unet,
+            brushnet=brushnet,
+            scheduler=make_scheduler(scheduler, parts.scheduler.config),
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer_2=parts.tokenizer_2,
+            force_zeros_for_empty_prompt=force_zeros,
+        )
+
+    # ---- conditioning -------------------------------------------------------------------------------
+
+    def _encode_prompts(
+        self, prompts: list[str], negative: list[str] | None, cfg: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(prompt_embeds, pooled)`` with the negative half first when ``cfg``; pooled is SDXL only."""
+        device = self._execution_device
+        if not self.is_sdxl:
+            texts = (negative or [""] * len(prompts)) + prompts if cfg else prompts
+            embeds = encode_prompt_sd(self.tokenizer, self.text_encoder, texts, device)
+            return embeds.to(self.unet.dtype), None
+        encoders = (self.text_encoder, self.text_encoder_2)
+        tokenizers = (self.tokenizer, self.tokenizer_2)
+        embeds, pooled = encode_prompt_sdxl(tokenizers, encoders, prompts, device)
+        if cfg:
+            if negative is None and self.config.force_zeros_for_empty_prompt:
+                neg_embeds, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+            else:
+                neg_embeds, neg_pooled = encode_prompt_sdxl(
+                    tokenizers, encoders, negative or [""] * len(prompts), device
+                )
+            embeds, pooled = torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
+        return embeds.to(self.unet.dtype), pooled.to(self.unet.dtype)
+
+    @contextmanager
+    def _vae_precision(self):
+        """Run the VAE in fp32 when it is fp16 and its config asks for it (``force_upcast``, SDXL's VAE)."""
+        dtype = self.vae.dtype
+        upcast = dtype == torch.float16 and self.vae.config.get("force_upcast", False)
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            yield self.vae.dtype
+        finally:
+            if upcast:
+                self.vae.to(dtype)
+
+    def _condition_latents(self, masked_rgb: np.ndarray, keep: np.ndarray, generator) -> torch.Tensor:
+        """``cat([VAE(masked image) * scaling_factor, keep mask at latent size], 1)``: 1 x 5 x h x w."""
+        device = self._execution_device
+        pixels = torch.from_numpy(masked_rgb).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        with self._vae_precision() as vae_dtype:
+            dist = self.vae.encode(pixels.to(device, vae_dtype)).latent_dist
+            latents = dist.sample(generator) * self.vae.config.scaling_factor
+        mask = torch.from_numpy(keep.astype(np.float32))[None, None].to(device)
+        mask = F.interpolate(mask, size=latents.shape[-2:])  # nearest, as the official pipeline
+        return torch.cat([latents.float(), mask], dim=1)
+
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        with self._vae_precision() as vae_dtype:
+            images = self.vae.decode(
+                latents.to(vae_dtype) / self.vae.config.scaling_factor, return_dict=False
+            )[0]
+        images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return (images * 255).round().astype(np.uint8)
+
+    # ---- sampling -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image: ImageInput,
+        mask: ImageInput,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        brushnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        guess_mode: bool = False,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        blend: bool = True,
+        blur_size: int = 21,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> BrushNetInpaintOutput | tuple:
+        """Inpaint the white region of ``mask`` in ``image`` following ``prompt``.
+
+        ``brushnet_conditioning_scale`` is a float or one value per branch residual (down, mid, up).
+        ``height``/``width`` set the processing resolution (default: the image size rounded down to a
+        multiple of 8); the output always has the input image's size. ``blend``/``blur_size`` control the
+        blurred paste-back. ``original_size``, ``crops_coords_top_left``, ``target_size``: SDXL
+        micro-conditioning (default: the processing size, (0, 0), the processing size).
+        ``output_type``: "pil", "np" (uint8 N x H x W x 3) or "latent" (no decoding, no blending).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = None
+        if negative_prompt is not None:
+            negatives = (
+                [negative_prompt] * len(prompts)
+                if isinstance(negative_prompt, str)
+                else list(negative_prompt)
+            )
+            if len(negatives) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
+        if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
+            raise ValueError(
+                "need 0 <= control_guidance_start < control_guidance_end <= 1, got "
+                f"{control_guidance_start} and {control_guidance_end}"
+            )
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+
+        rgb = load_rgb(image)
+        full_hw = rgb.shape[:2]
+        inpaint = load_inpaint_mask(mask, full_hw)
+        f = self.vae_scale_factor
+        proc_hw = (height or full_hw[0] // f * f, width or full_hw[1] // f * f)
+        if proc_hw[0] < f or proc_hw[1] < f or proc_hw[0] % f or proc_hw[1] % f:
+            raise ValueError(
+                f"processing size {proc_hw[1]}x{proc_hw[0]} (WxH) must be positive multiples of {f}"
+            )
+        proc_rgb = _resize_rgb(rgb, proc_hw)
+        proc_inpaint = _resize_mask(inpaint, proc_hw)
+        keep = ~proc_inpaint
+        masked_rgb = proc_rgb * keep[..., None].astype(np.uint8)  # hole black (-1 after normalising)
+
+        device = self._execution_device
+        dtype = self.unet.dtype
+        batch = len(prompts) * num_images_per_prompt
+        cfg = guidance_scale > 1.0
+        embeds, pooled = self._encode_prompts(prompts, negatives, cfg)
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+        added_cond = None
+        if self.is_sdxl:
+            pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
+            time_ids = sdxl_time_ids(
+                self.unet,
+                self.text_encoder_2,
+                tuple(original_size or proc_hw),
+                tuple(crops_coords_top_left),
+                tuple(target_size or proc_hw),
+                dtype,
+            ).to(device)
+            added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(pooled.shape[0], 1)}
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        shape = (batch, self.unet.config.in_channels, proc_hw[0] // f, proc_hw[1] // f)
+        if latents is None:
+            latents = torch.randn(
+                shape, generator=generator, device=generator.device if generator else device
+            )
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
+        # Drawn after the initial noise (the official pipeline samples the VAE from the global RNG).
+        cond = self._condition_latents(masked_rgb, keep, generator).to(device, self.brushnet.dtype)
+        cond = cond.expand(batch, -1, -1, -1)
+
+        step_kwargs = {}
+        step_params = set(inspect.signature(self.scheduler.step).parameters)
+        if "eta" in step_params:
+            step_kwargs["eta"] = eta
+        if "generator" in step_params:
+            step_kwargs["generator"] = generator
+
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_in = torch.cat([latents] * 2) if cfg else latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            keep_i = guidance_keep(i, len(timesteps), control_guidance_start, control_guidance_end)
+            scale = self._step_scale(brushnet_conditioning_scale, keep_i)
+            if _all_zero(scale):
+                noise_pred = self.unet(
+                    model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond, return_dict=False
+                )[0]
+            else:
+                down, mid, up = self._branch(model_in, t, embeds, cond, scale, added_cond, cfg, guess_mode)
+                noise_pred = unet_forward_with_brushnet(
+                    self.unet,
+                    model_in,
+                    t,
+                    embeds,
+                    down_block_add_samples=down,
+                    mid_block_add_sample=mid,
+                    up_block_add_samples=up,
+                    added_cond_kwargs=added_cond,
+                )
+            if cfg:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (text - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+        if output_type == "latent":
+            images: Any = latents
+        else:
+            images = [_resize_rgb(g, full_hw) for g in self._decode(latents)]
+            if blend:
+                images = [blurred_blend(rgb, g, inpaint, blur_size=blur_size) for g in images]
+            images = np.stack(images) if output_type == "np" else [PIL.Image.fromarray(g) for g in images]
+        self.maybe_free_model_hooks()
+        return BrushNetInpaintOutput(images=images) if return_dict else (images,)
+
+    @staticmethod
+    def _step_scale(scale: float | Sequence[float], keep: float) -> float | list[float]:
+        if isinstance(scale, (int, float)):
+            return float(scale) * keep
+        return [float(s) * keep for s in scale]
+
+    def _branch(self, model_in, t, embeds, cond, scale, added_cond, cfg: bool, guess_mode: bool):
+        """The branch's residuals for the (CFG-doubled) batch; guess mode runs it on the text half only."""
+        if guess_mode and cfg:
+            sample, embeds = model_in.chunk(2)[1], embeds.chunk(2)[1]
+            if added_cond is not None:
+                added_cond = {k: v.chunk(2)[1] for k, v in added_cond.items()}
+        else:
+            sample = model_in
+            cond = torch.cat([cond] * 2) if cfg else cond
+        bdtype = self.brushnet.dtype
+        if added_cond is not None:
+            added_cond = {k: v.to(bdtype) for k, v in added_cond.items()}
+        down, mid, up = self.brushnet(
+            sample.to(bdtype),
+            t,
+            encoder_hidden_states=embeds.to(bdtype),
+            brushnet_cond=cond,
+            conditioning_scale=scale,
+            added_cond_kwargs=added_cond,
+            guess_mode=guess_mode,
+            return_dict=False,
+        )
+        if guess_mode and cfg:  # the unconditional half gets no residual (official)
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+            up = [torch.cat([torch.zeros_like(u), u]) for u in up]
+        return down, mid, up
+
+
+def _all_zero(scale: float | list[float]) -> bool:
+    return scale == 0.0 if isinstance(scale, float) else all(s == 0.0 for s in scale)
+
+
+def load_brushnet(name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> BrushNetModel:
+    """A BrushNet branch from a diffusers folder (``config.json`` + safetensors) or a hub id."""
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~")) or len(path.parts) > 2
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(f"BrushNet folder {str(name_or_path)!r} does not exist or is not a folder")
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"BrushNet folder {str(path)!r} has no config.json: expected a diffusers model folder "
+            "(config.json + diffusion_pytorch_model.safetensors)"
+        )
+    folder = path if looks_local else resolve_pretrained(name_or_path)
+    kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    return BrushNetModel.from_pretrained(folder, use_safetensors=True, **kw)

@@ -1,0 +1,1 @@
+"""BrushNet training: Lightning module, BrushData DataModule, CLI."""

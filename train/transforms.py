@@ -1,0 +1,173 @@
+"""Per-sample BrushData training transform (runs inside the DataLoader workers).
+
+Follows ``MyWebDataset.__call__`` of the official ``examples/brushnet/train_brushnet.py`` (and the SDXL
+variant for ``original_size``/``crop_top_left``), with these deliberate differences:
+
+* a sample whose segmentation list is empty gets a random brush mask (official: keep everything, i.e. a
+  training sample with nothing to inpaint);
+* the masked image is computed *after* resize + crop as ``image * keep`` (official: masked at full size,
+  then resized separately with bicubic interpolation, which blurs the hole border), so the hole is exactly
+  -1.0 and the kept pixels equal ``pixel_values`` exactly;
+* the opening (erode + dilate, 8x8 kernel) acts on the object/stroke mask before the optional inversion.
+  For segmentation masks this is the official behaviour; for brush masks the official code opens the
+  complement (a negligible difference for 128 px strokes);
+* ``invert_prob`` is the probability of inpainting *outside* the object/stroke (official: p=0.5, where
+  the two cases are symmetric anyway).
+
+All randomness comes from the ``numpy.random.Generator`` passed in, which the dataset seeds from
+``(seed, epoch, sample index)``: the result does not depend on worker count or timing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from brushnet.brushdata import DecodedSample
+from brushnet.masks import inpaint_to_keep, random_brush_mask
+
+# official train_brushnet.py: np.ones((8, 8), np.uint8) for cv2.erode + cv2.dilate
+MORPH_KERNEL = np.ones((8, 8), np.uint8)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    resolution: int = 512
+    random_mask_prob: float = 0.0
+    morph_prob: float = 0.3  # official: random.random() < 0.3
+    invert_prob: float = 0.5  # official: random.random() < 0.5
+    proportion_empty_prompts: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
+        for name in ("random_mask_prob", "morph_prob", "invert_prob", "proportion_empty_prompts"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+class CaptionTokenizers:
+    """The base model's CLIP tokenizer(s): ``tokenizer`` and, for SDXL, ``tokenizer_2``."""
+
+    def __init__(self, tokenizer, tokenizer_2=None) -> None:
+        self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> CaptionTokenizers:
+        """Load ``<name_or_path>/tokenizer`` (+ ``tokenizer_2`` if present) from a folder or hub id."""
+        from transformers import CLIPTokenizer
+
+        if not name_or_path:
+            raise ValueError("BrushDataModule needs `tokenizer`: the base model's folder or hub id")
+        folder = Path(name_or_path)
+        if folder.is_dir():
+            if not (folder / "tokenizer").is_dir():
+                raise FileNotFoundError(
+                    f"{folder}: no 'tokenizer' subfolder (expected a diffusers base model)"
+                )
+            second = folder / "tokenizer_2"
+            return cls(
+                _checked(CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer"), name_or_path),
+                _checked(CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2"), name_or_path)
+                if second.is_dir()
+                else None,
+            )
+        try:
+            first = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+        except (OSError, ValueError) as e:
+            raise OSError(
+                f"cannot load the tokenizer of {name_or_path!r}: not a local folder and not reachable on the hub "
+                f"(offline?): {e}"
+            ) from e
+        try:
+            second = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2")
+        except (OSError, ValueError):
+            second = None
+        return cls(
+            _checked(first, name_or_path), _checked(second, name_or_path) if second is not None else None
+        )
+
+    def __call__(self, caption: str) -> dict[str, torch.Tensor]:
+        out = {"input_ids": self._ids(self.tokenizer, caption)}
+        if self.tokenizer_2 is not None:
+            out["input_ids_2"] = self._ids(self.tokenizer_2, caption)
+        return out
+
+    @staticmethod
+    def _ids(tokenizer, caption: str) -> torch.Tensor:
+        ids = tokenizer(
+            caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True
+        ).input_ids
+        return torch.tensor(ids, dtype=torch.int64)
+
+
+def _checked(tokenizer, name: str):
+    # transformers can hand back an empty tokenizer (just the special tokens) when the files could not be
+    # fetched; training with it would silently see every caption as "".
+    if tokenizer is not None and len(tokenizer) <= 2:
+        raise OSError(
+            f"the tokenizer loaded from {name!r} is empty ({len(tokenizer)} tokens): files missing/offline?"
+        )
+    return tokenizer
+
+
+def choose_inpaint_mask(sample: DecodedSample, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Bool HxW, True = region to inpaint (before resize)."""
+    h, w = sample.image.shape[:2]
+    use_brush = rng.random() < cfg.random_mask_prob or not sample.masks_rle
+    if use_brush:
+        region = random_brush_mask(h, w, rng)
+    else:
+        region = sample.mask(int(rng.integers(len(sample.masks_rle))))
+    if rng.random() < cfg.morph_prob:
+        region_u8 = region.astype(np.uint8)
+        region = cv2.dilate(cv2.erode(region_u8, MORPH_KERNEL, iterations=1), MORPH_KERNEL, iterations=1) > 0
+    if rng.random() < cfg.invert_prob:
+        region = ~region
+    return region
+
+
+def resize_and_crop(
+    image: np.ndarray, keep: np.ndarray, resolution: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Short side to ``resolution`` (bicubic, sizes rounded up as official), then a random square crop.
+
+    Returns the cropped image (uint8 HxWx3), keep mask (bool HxW) and the crop's (top, left) in the resized
+    image (SDXL's ``crops_coords_top_left``)."""
+    h, w = image.shape[:2]
+    scale = resolution / min(h, w)
+    h_new, w_new = max(resolution, int(np.ceil(h * scale))), max(resolution, int(np.ceil(w * scale)))
+    image = cv2.resize(image, (w_new, h_new), interpolation=cv2.INTER_CUBIC)
+    # official: bicubic resize of the 0/1 uint8 mask, which rounds back to {0, 1}
+    keep = cv2.resize(keep.astype(np.uint8), (w_new, h_new), interpolation=cv2.INTER_CUBIC) > 0
+    top = int(rng.integers(0, h_new - resolution + 1))
+    left = int(rng.integers(0, w_new - resolution + 1))
+    window = (slice(top, top + resolution), slice(left, left + resolution))
+    return image[window], keep[window], (top, left)
+
+
+def make_example(
+    sample: DecodedSample, rng: np.random.Generator, cfg: AugmentConfig, tokenizers: CaptionTokenizers
+) -> dict:
+    """One training example of the batch contract (without the batch dimension)."""
+    keep = np.asarray(inpaint_to_keep(choose_inpaint_mask(sample, rng, cfg)), dtype=bool)
+    image, keep, crop_top_left = resize_and_crop(sample.image, keep, cfg.resolution, rng)
+    caption = "" if rng.random() < cfg.proportion_empty_prompts else sample.caption
+    pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+    keep_t = torch.from_numpy(keep)[None].float()
+    example = {
+        "pixel_values": pixels / 127.5 - 1.0,
+        # official: masked_image = image * mask, then / 127.5 - 1  -> the hole is -1.0
+        "conditioning_pixel_values": (pixels * keep_t) / 127.5 - 1.0,
+        "masks": keep_t,
+        "original_size": torch.tensor(sample.image.shape[:2], dtype=torch.int64),
+        "crop_top_left": torch.tensor(crop_top_left, dtype=torch.int64),
+        "key": sample.key,
+    }
+    example.update(tokenizers(caption))
+    return example
