@@ -1,7 +1,8 @@
 """The ``brushnet`` console script.
 
 ``brushnet inpaint --base PATH_OR_ID --brushnet PATH --image IMG --mask MASK --prompt TEXT --out OUT.png``
-runs :class:`brushnet.pipeline.BrushNetInpaintPipeline` once and writes the result atomically.
+runs :class:`brushnet.pipeline.BrushNetInpaintPipeline` once and writes the result atomically;
+``brushnet evaluate ...`` runs a BrushBench/EditBench evaluation (:mod:`brushnet.evaluation.cli`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from brushnet.evaluation import cli as evaluate_cli
     from brushnet.pipeline import SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="brushnet", description="BrushNet inpainting tools.")
@@ -63,6 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--variant", default=None, help="weights variant of the base, e.g. fp16")
     p.add_argument("--vae", default=None, help="replacement VAE folder or id (e.g. an fp16-fix SDXL VAE)")
+    evaluate_cli.add_parser(sub)
     return parser
 
 
@@ -137,6 +140,10 @@ def inpaint(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command == "evaluate":
+        from brushnet.evaluation import cli as evaluate_cli
+
+        return evaluate_cli.run(args)
     if args.command == "inpaint":
         from brushnet.loading import BaseModelError
 

@@ -182,46 +182,49 @@ def build_tiny_base(
     from transformers import CLIPTokenizer
 
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent if path.parent.exists() else None))
-    write_clip_tokenizer(tmp / "_tok", vocab)
-    tokenizer = CLIPTokenizer.from_pretrained(tmp / "_tok")
-    vocab_size = len(tokenizer)
-    scheduler = DDPMScheduler(
-        # SD 1.5 / SD 2 / SDXL training schedule (scheduler_config.json of the released models).
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if kind == "sd2" else "epsilon",
-    )
-    torch.manual_seed(seed)
-    if kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=tiny_vae(seed),
-            text_encoder=_text_encoder(vocab_size, 32, with_projection=False),
-            text_encoder_2=_text_encoder(vocab_size, 32, with_projection=True),
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
-            unet=tiny_unet(kind, seed),
-            scheduler=scheduler,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=tiny_vae(seed),
-            text_encoder=_text_encoder(vocab_size, 32, with_projection=False),
-            tokenizer=tokenizer,
-            unet=tiny_unet(kind, seed),
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    out = tmp / "base"
-    pipe.save_pretrained(out)
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite a base model folder")
-    os.replace(out, path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    try:
+        write_clip_tokenizer(tmp / "_tok", vocab)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp / "_tok")
+        vocab_size = len(tokenizer)
+        scheduler = DDPMScheduler(
+            # SD 1.5 / SD 2 / SDXL training schedule (scheduler_config.json of the released models).
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            steps_offset=1,
+            prediction_type="v_prediction" if kind == "sd2" else "epsilon",
+        )
+        torch.manual_seed(seed)
+        if kind == "sdxl":
+            pipe = StableDiffusionXLPipeline(
+                vae=tiny_vae(seed),
+                text_encoder=_text_encoder(vocab_size, 32, with_projection=False),
+                text_encoder_2=_text_encoder(vocab_size, 32, with_projection=True),
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer,
+                unet=tiny_unet(kind, seed),
+                scheduler=scheduler,
+            )
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=tiny_vae(seed),
+                text_encoder=_text_encoder(vocab_size, 32, with_projection=False),
+                tokenizer=tokenizer,
+                unet=tiny_unet(kind, seed),
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        out = tmp / "base"
+        pipe.save_pretrained(out)
+        os.replace(out, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path

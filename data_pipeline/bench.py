@@ -107,7 +107,26 @@ def bench_download(out: Path, site: Path, urls: int, processes: int) -> dict:
     }
 
 
-def run_bench(out: Path, images: int = 8, urls: int = 200) -> int:
+def bench_sam_encoder(model_type: str, repeats: int = 2) -> dict:
+    """Seconds per image of a full-size SAM image encoder (random weights: compute cost only, no masks)."""
+    from segment_anything import sam_model_registry
+
+    sam = sam_model_registry[model_type](checkpoint=None).eval()
+    x = torch.zeros(1, 3, sam.image_encoder.img_size, sam.image_encoder.img_size)
+    with torch.inference_mode():
+        sam.image_encoder(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            sam.image_encoder(x)
+    seconds = (time.perf_counter() - start) / repeats
+    return {
+        "labeler": f"sam-{model_type} image encoder only",
+        "seconds_per_image": round(seconds, 2),
+        "images_per_s_upper_bound": round(1 / seconds, 3),
+    }
+
+
+def run_bench(out: Path, images: int = 8, urls: int = 200, sam_encoder: str | None = None) -> int:
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     site = out / "site"
@@ -129,6 +148,8 @@ def run_bench(out: Path, images: int = 8, urls: int = 200) -> int:
             pics[: max(2, images // 4)],
         ),
     ]
+    if sam_encoder:
+        results["label"].append(bench_sam_encoder(sam_encoder))
     results["shard_write"] = bench_shard_write(out, pics)
     results["download"] = [bench_download(out, site, urls, p) for p in (1, 2)]
     text = json.dumps(results, indent=2)

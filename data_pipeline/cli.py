@@ -23,6 +23,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sam-checkpoint", help="overrides label.sam.checkpoint")
     p.add_argument("--sam-model-type", help="overrides label.sam.model_type (vit_h, vit_l, vit_b, tiny)")
     p.add_argument("--retry-failed", type=int, help="overrides download.retry_failed_rounds")
+    p.add_argument(
+        "--split-by",
+        choices=["part", "shard"],
+        default="shard",
+        help="label: tasks own whole parts, or single shards (default; chain always splits by part)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -42,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, required=True)
     bench.add_argument("--images", type=int, default=8)
     bench.add_argument("--urls", type=int, default=200)
+    bench.add_argument(
+        "--sam-encoder", help="also time a full-size SAM image encoder, e.g. vit_b (random weights)"
+    )
     return parser
 
 
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from data_pipeline.bench import run_bench
 
-            return run_bench(args.out, images=args.images, urls=args.urls)
+            return run_bench(args.out, images=args.images, urls=args.urls, sam_encoder=args.sam_encoder)
         if args.command == "demo":
             from data_pipeline.demo import run_demo
 
@@ -103,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from data_pipeline.label import run_label
 
-                report = run_label(run_dir, list_parts(run_dir / "filtered"), cfg.label, task)
+                report = run_label(
+                    run_dir, list_parts(run_dir / "filtered"), cfg.label, task, split_by=args.split_by
+                )
         print(format_summary([report]), flush=True)
         return 1 if stage_failed(report) else 0
     except (ConfigError, ValueError, FileNotFoundError) as e:

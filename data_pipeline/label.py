@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +78,23 @@ def plan_unit(unit: str, folder: Path, samples_per_shard: int) -> list[LabelShar
 
 
 def plan_label_shards(
-    run_dir: Path, parts: list[Path], samples_per_shard: int, task: TaskSlice = WHOLE_JOB
+    run_dir: Path,
+    parts: list[Path],
+    samples_per_shard: int,
+    task: TaskSlice = WHOLE_JOB,
+    split_by: str = "part",
 ) -> tuple[list[LabelShard], list[str]]:
-    """Output shards of the parts this task owns, and the names of parts whose download is not complete."""
+    """Output shards this task owns, and the names of parts whose download is not complete.
+
+    split_by="part": the shards of the parts this task downloads (chain: no task waits for another);
+    split_by="shard": any downloaded shard whose name hashes to this task (many label processes per part).
+    """
+    if split_by not in ("part", "shard"):
+        raise ValueError(f"split_by must be 'part' or 'shard', got {split_by!r}")
     shards, pending = [], []
     state = Path(run_dir) / "state" / "download"
     for index, part in enumerate(parts):
-        if not task.owns(index):
+        if split_by == "part" and not task.owns(index):
             continue
         name = part_name(part)
         folders = [
@@ -95,6 +106,8 @@ def plan_label_shards(
             pending.append(name)
         for folder in folders:
             shards.extend(plan_unit(folder.name, folder, samples_per_shard))
+    if split_by == "shard":  # a stable owner per shard name, whatever else is downloaded yet
+        shards = [s for s in shards if task.owns(zlib.crc32(s.name.encode()))]
     return shards, pending
 
 
@@ -244,12 +257,13 @@ def run_label(
     cfg: LabelConfig,
     task: TaskSlice = WHOLE_JOB,
     labeler: Labeler | None = None,
+    split_by: str = "part",
 ) -> StageReport:
     """Label every output shard this task owns that is not already written."""
     run_dir = Path(run_dir)
     out_dir, state = run_dir / "brushdata", run_dir / "state" / "label"
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards, pending = plan_label_shards(run_dir, parts, cfg.samples_per_shard, task)
+    shards, pending = plan_label_shards(run_dir, parts, cfg.samples_per_shard, task, split_by)
     report = StageReport("label")
     if pending:
         report.details["parts_not_downloaded"] = len(pending)

@@ -47,14 +47,13 @@ class StageReport:
 class Progress:
     """A tqdm bar whose postfix shows ok/failed/skipped and the ok rate."""
 
-    def __init__(self, report: StageReport, total: int | None = None, disable: bool | None = None) -> None:
+    def __init__(self, report: StageReport, total: int | None = None) -> None:
         self.report = report
         self._start = time.perf_counter()
         self._bar = tqdm(
             total=total,
             desc=report.stage,
             unit=report.unit[:-1] or "it",
-            disable=disable,
             file=sys.stderr,
             dynamic_ncols=True,
         )

@@ -6,14 +6,17 @@
 #   slurm/check.sh                        # all slurm/*.sh except this one
 #   slurm/check.sh slurm/train.sh         # some scripts
 #   SBATCH_ARGS="--partition=gpu --nodes=4" slurm/check.sh slurm/train.sh
-#   SBATCH_ARGS="--gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1" slurm/check.sh   # a CPU-only cluster
+#   SBATCH_ARGS="--gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1" slurm/check.sh   # CPU-only
 #
 # SBATCH_ARGS (word-split) are the options you will submit with; they override the scripts' #SBATCH lines.
 # Exit status: 0 when every script passes, 1 otherwise; 2 when sbatch is not on PATH.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-command -v sbatch >/dev/null || { echo "check.sh: sbatch not found: run this on a Slurm login node" >&2; exit 2; }
+if ! command -v sbatch >/dev/null; then
+  echo "check.sh: sbatch not found: run this on a Slurm login node" >&2
+  exit 2
+fi
 
 scripts=("$@")
 if [ ${#scripts[@]} -eq 0 ]; then

@@ -14,7 +14,8 @@
 #
 # Environment knobs (sbatch exports the submitting shell's environment):
 #   CONFIG       trainer config(s), space-separated, composed in order (each one a --config), e.g.
-#                "configs/sd15_segmentation_mask.yaml configs/fsdp.yaml"   default configs/sd15_segmentation_mask.yaml
+#                "configs/sd15_segmentation_mask.yaml configs/fsdp.yaml"
+#                default configs/sd15_segmentation_mask.yaml
 #   RUN_DIR      run directory (trainer.default_root_dir: checkpoints, exports, hpc_ckpt_*.ckpt, logs)
 #                default runs/<job name>-<job id>: a requeued job keeps its id, so it resumes from there;
 #                submitting again with the same RUN_DIR continues that run (from its last checkpoint)
@@ -62,7 +63,8 @@ if [ $((TASKS_PER_NODE * NNODES)) -ne "$NTASKS" ]; then
 fi
 GPUS_ON_NODE=${SLURM_GPUS_ON_NODE:-0}
 if [ "$GPUS_ON_NODE" -gt 0 ] && [ "$GPUS_ON_NODE" -ne "$TASKS_PER_NODE" ]; then
-  echo "train.sh: $GPUS_ON_NODE GPUs but $TASKS_PER_NODE tasks per node: set --ntasks-per-node=$GPUS_ON_NODE" >&2
+  echo "train.sh: $GPUS_ON_NODE GPUs but $TASKS_PER_NODE tasks per node:" \
+    "set --ntasks-per-node=$GPUS_ON_NODE" >&2
   exit 2
 fi
 

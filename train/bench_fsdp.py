@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> None:
         devices=args.devices,
         strategy=strategy,
         max_steps=args.steps,
+        gradient_clip_val=args.clip or None,
         callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--batch-size", type=int, default=2)
     r.add_argument("--devices", type=int, default=2)
     r.add_argument("--ac", action="store_true", help="activation checkpointing")
+    r.add_argument("--clip", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
     r.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="FSDP2 param/reduce dtype")
     r.add_argument("--out", required=True)
     m = sub.add_parser("memory")

@@ -44,8 +44,10 @@ def encode_text(
     if text_encoder_2 is None:
         return text_encoder(input_ids, return_dict=False)[0], None
     if input_ids_2 is None:
-        raise ValueError("an SDXL base needs batch['input_ids_2'] (tokenizer_2): is the DataModule's tokenizer "
-                         "the same SDXL base?")
+        raise ValueError(
+            "an SDXL base needs batch['input_ids_2'] (tokenizer_2): is the DataModule's tokenizer "
+            "the same SDXL base?"
+        )
     first = text_encoder(input_ids, output_hidden_states=True)
     second = text_encoder_2(input_ids_2, output_hidden_states=True)
     hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 import torch
-from brushnet.brushdata import decode_sample
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from brushnet.brushdata import decode_sample
 from train.sampler import SampleRef
 from train.shards import MEMBERS, SampleTable
 from train.transforms import AugmentConfig, CaptionTokenizers, make_example

@@ -6,7 +6,7 @@ Every ``every_n_steps`` optimizer steps, global rank 0 inpaints a small fixed su
 available metric and logs the means as ``eval/<metric>`` to all of the trainer's loggers. The pipeline is
 built from the LightningModule by ``pipeline_factory`` (default: attributes ``unet``, ``vae``,
 ``text_encoder``, ``tokenizer``, ``brushnet``, ``noise_scheduler`` and, for SDXL, ``text_encoder_2`` /
-``tokenizer_2``). Sharded strategies (FSDP) need a factory that returns a pipeline usable on rank 0 alone.
+``tokenizer_2``; the EMA branch ``ema`` when present and ``use_ema``). Sharded strategies (FSDP) need a factory that returns a pipeline usable on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ from brushnet.evaluation.evaluate import Evaluator, evaluate_subset
 from brushnet.evaluation.scorers import ModelPaths, load_model_paths
 
 
-def pipeline_from_module(module: Any, scheduler: str = "unipc"):
-    """A :class:`brushnet.pipeline.BrushNetInpaintPipeline` sharing the module's (training) components."""
+def pipeline_from_module(module: Any, scheduler: str = "unipc", use_ema: bool = True):
+    """A :class:`brushnet.pipeline.BrushNetInpaintPipeline` sharing the module's (training) components.
+
+    With ``use_ema`` the module's EMA branch (attribute ``ema``) is evaluated when it has one.
+    """
     from brushnet.pipeline import BrushNetInpaintPipeline, make_scheduler
 
     needed = ("unet", "vae", "text_encoder", "tokenizer", "brushnet", "noise_scheduler")
@@ -38,7 +41,7 @@ def pipeline_from_module(module: Any, scheduler: str = "unipc"):
         text_encoder=module.text_encoder,
         tokenizer=module.tokenizer,
         unet=module.unet,
-        brushnet=module.brushnet,
+        brushnet=module.ema if use_ema and getattr(module, "ema", None) is not None else module.brushnet,
         scheduler=make_scheduler(scheduler, module.noise_scheduler.config),
         text_encoder_2=getattr(module, "text_encoder_2", None),
         tokenizer_2=getattr(module, "tokenizer_2", None),
@@ -63,6 +66,7 @@ class BenchmarkEvalCallback(L.Callback):
         blended: bool = False,
         seed: int = DEFAULT_SEED,
         scheduler: str = "unipc",
+        use_ema: bool = True,
         pipeline_factory: Callable[[Any], Any] | None = None,
     ):
         if every_n_steps < 1 or num_images < 1:
@@ -82,7 +86,7 @@ class BenchmarkEvalCallback(L.Callback):
             guidance=guidance,
             seed=seed,
         )
-        self.pipeline_factory = pipeline_factory or (lambda m: pipeline_from_module(m, scheduler))
+        self.pipeline_factory = pipeline_factory or (lambda m: pipeline_from_module(m, scheduler, use_ema))
         self._evaluator: Evaluator | None = None
         self._last_step = -1
         self.last_metrics: dict[str, float] = {}

@@ -166,6 +166,25 @@ def export_branch(branch: BrushNetModel, folder: str | os.PathLike, *, rank: int
     return folder
 
 
+def _check_optimizer_shapes(optim_state: dict, saved: dict, *, prefix: str, path: Path) -> None:
+    """Fail with a clear message where a saved optimizer state tensor has another global shape.
+
+    This is what happens when per-shard 8-bit state (``absmax``: one row per shard) is resumed on a
+    different number of FSDP shards; DCP itself would only report a size mismatch.
+    """
+    for fqn, state in optim_state.get("state", {}).items():
+        for name, value in state.items():
+            meta = saved.get(f"{prefix}.{fqn}.{name}")
+            size = getattr(meta, "size", None)
+            if torch.is_tensor(value) and size is not None and tuple(size) != tuple(value.shape):
+                raise ValueError(
+                    f"checkpoint {path}: optimizer state {fqn}.{name} was saved with shape {tuple(size)}, "
+                    f"this run needs {tuple(value.shape)}; sharded 8-bit AdamW state is quantized per "
+                    "shard and resumes only on the same number of FSDP ranks (resume with the same "
+                    "devices x nodes, or switch to adamw)"
+                )
+
+
 def _strategy_base():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -282,11 +301,15 @@ class FSDP2Strategy(_strategy_base()):
         for idx, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{idx}"
             optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            _check_optimizer_shapes(optim_state[key], saved, prefix=f"{key}.state", path=path)
             dcp.load(optim_state, checkpoint_id=path)
             set_optimizer_state_dict(
                 self.model, optimizer, optim_state[key], options=StateDictOptions(cpu_offload=True)
             )
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        # The loaded weights, so ``on_load_checkpoint`` hooks can validate keys as with a DDP checkpoint.
+        metadata["state_dict"] = target["state_dict"]
+        return metadata
 
     def shard(self, module: nn.Module) -> dict[str, int]:
         """:func:`apply_fsdp2` with this strategy's mesh and options (idempotent)."""

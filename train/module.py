@@ -94,7 +94,9 @@ class BrushNetTrainingModule(L.LightningModule):
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
         self.save_hyperparameters()
-        parts = load_base_components(pretrained_model_name_or_path, variant=variant, vae=vae, revision=revision)
+        parts = load_base_components(
+            pretrained_model_name_or_path, variant=variant, vae=vae, revision=revision
+        )
         self.vae, self.unet = parts.vae, parts.unet
         self.text_encoder, self.tokenizer = parts.text_encoder, parts.tokenizer
         self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
@@ -112,7 +114,6 @@ class BrushNetTrainingModule(L.LightningModule):
         self.ema: BrushNetModel | None = None
         if ema_decay is not None:
             self.ema = copy.deepcopy(self.brushnet).requires_grad_(False).eval()
-        self._ema_step = 0
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
@@ -125,7 +126,9 @@ class BrushNetTrainingModule(L.LightningModule):
         self.weight_dtype = torch.float32
         self.consecutive_skips = 0
         self.skipped_steps = 0
-        self.strict_loading = False  # checkpoints hold only the trained branch (+ EMA); see on_load_checkpoint
+        self.strict_loading = (
+            False  # checkpoints hold only the trained branch (+ EMA); see on_load_checkpoint
+        )
 
     # ------------------------------------------------------------------ models
     def frozen_models(self) -> list[nn.Module]:
@@ -166,6 +169,9 @@ class BrushNetTrainingModule(L.LightningModule):
         if self.ema is not None:
             self.ema.eval()
         return self
+
+    def on_train_start(self) -> None:
+        self.train()  # Lightning keeps modules' modes; apply the rules of train() above
 
     # -------------------------------------------------------------------- step
     def step_generator(self, batch_counter: int) -> torch.Generator:
@@ -228,8 +234,10 @@ class BrushNetTrainingModule(L.LightningModule):
                 added_cond_kwargs=cond.added_cond_kwargs,
                 return_dict=False,
             )[0]
-        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(
-            latents, noise, timesteps
+        target = (
+            noise
+            if self.prediction_type == "epsilon"
+            else self.noise_scheduler.get_velocity(latents, noise, timesteps)
         )
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * self.snr_weights(timesteps)).mean()
@@ -259,8 +267,10 @@ class BrushNetTrainingModule(L.LightningModule):
         keys = list(batch.get("keys", []))[:8] if batch else []
         where = f"at step {self.global_step}" + (f" (batch keys {keys})" if keys else "")
         if self.hparams.nan_policy == "stop":
-            raise NonFiniteLossError(f"{what} {where}; stopping (nan_policy='stop'). No checkpoint was written "
-                                     "from the non-finite state.")
+            raise NonFiniteLossError(
+                f"{what} {where}; stopping (nan_policy='stop'). No checkpoint was written "
+                "from the non-finite state."
+            )
         self.consecutive_skips += 1
         self.skipped_steps += 1
         log.warning("%s %s: skipping this optimizer step (%d in a row)", what, where, self.consecutive_skips)
@@ -287,8 +297,11 @@ class BrushNetTrainingModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
-        if self.ema is not None and self.global_step > self._ema_step:
-            self._ema_step = self.global_step
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update (before any callback sees the step, e.g. a checkpoint)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
             self.update_ema()
 
     @torch.no_grad()
@@ -323,7 +336,7 @@ class BrushNetTrainingModule(L.LightningModule):
         """Keep only the trained weights: the frozen base is reloaded from its folder/id on resume."""
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(TRAINED_PREFIXES)}
-        checkpoint["brushnet_train"] = {"ema_step": self._ema_step, "skipped_steps": self.skipped_steps}
+        checkpoint["brushnet_train"] = {"skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -337,6 +350,4 @@ class BrushNetTrainingModule(L.LightningModule):
                 "another model configuration (EMA on/off, another base)?"
             )
         info = checkpoint.get("brushnet_train", {})
-        self._ema_step = int(info.get("ema_step", 0))
         self.skipped_steps = int(info.get("skipped_steps", 0))
-

@@ -119,6 +119,8 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
+                if state["step"].device.type != "cpu":  # moved by Lightning's optimizer-to-device
+                    state["step"] = state["step"].cpu()  # keep .item() below free of a GPU sync
                 state["step"] += 1
                 param, grad = _local(p), _local(p.grad)
                 if param.numel() == 0:  # this rank holds no element of a tiny tensor

@@ -26,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
 from brushnet.brushdata import DecodedSample
 from brushnet.masks import inpaint_to_keep, random_brush_mask
 

@@ -117,7 +117,9 @@ def save_image_atomic(image: PIL.Image.Image, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+            # JPEG at PIL's default quality (75), as the official script's `image.save(path)`: the
+            # compression is part of the published PSNR/MSE/LPIPS numbers.
+            image.save(f, format=fmt)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -73,6 +73,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Path]:
 
     items = load_mapping(args.mapping or args.benchmark / "mapping_file.json", args.mask_kind)
     if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {args.limit}")
         items = items[: args.limit]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 

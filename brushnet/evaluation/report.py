@@ -77,7 +77,7 @@ def write_csv(path: Path, rows: Sequence[dict], fieldnames: Sequence[str]) -> No
             writer = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
             writer.writeheader()
             for row in rows:
-                writer.writerow({k: _fmt(v) for k, v in row.items()})
+                writer.writerow(row)  # floats in full precision; nan / inf spelled out
 
     _atomic_write(path, write)
 

@@ -9,13 +9,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
+import PIL.ImageFilter
 import pytest
 import yaml
 
 from brushnet.evaluation import cli
 from brushnet.evaluation.benchmark import GenerationSettings, generate, load_mapping, output_paths
-from brushnet.evaluation.evaluate import Evaluator, evaluate_subset
-from brushnet.evaluation.scorers import ModelPaths, load_model_paths
+from brushnet.evaluation.evaluate import Evaluator, evaluate_subset, score_folder
+from brushnet.evaluation.report import write_report
+from brushnet.evaluation.scorers import LPIPSPaths, ModelPaths, load_model_paths
 from brushnet.pipeline import BrushNetInpaintPipeline
 
 from .branches import save_branch
@@ -141,6 +143,9 @@ def test_no_generate_scores_an_existing_folder_and_missing_images_are_named(setu
     assert "entry '000'" in err and "does not exist" in err
     assert cli.run(_parse(["evaluate", "--benchmark", str(setup["bench"]), "--out", str(tmp_path)])) == 2
     assert "--base and --brushnet are required" in capsys.readouterr().err
+    argv = ["evaluate", "--benchmark", str(setup["bench"]), "--out", str(tmp_path), "--no-generate"]
+    assert cli.run(_parse([*argv, "--limit", "0"])) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err
 
 
 def test_evaluate_subset_for_training(setup):
@@ -159,3 +164,35 @@ def test_evaluate_subset_for_training(setup):
         pipe, items, setup["bench"], settings, Evaluator.from_paths(ModelPaths(), only=[])
     )
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
+
+
+def test_report_outputs_from_a_scored_folder(setup, tmp_path):
+    items = load_mapping(setup["bench"] / "mapping_file.json")
+
+    def blur_pipe(prompt, image, mask, **kwargs):  # changes the whole image, more for longer prompts
+        radius = len(prompt) % 5 + 1
+        return SimpleNamespace(
+            images=[PIL.Image.fromarray(image).filter(PIL.ImageFilter.GaussianBlur(radius))]
+        )
+
+    out = tmp_path / "run"
+    generate(blur_pipe, items, setup["bench"], out, GenerationSettings(base="b", brushnet="n"))
+    evaluator = Evaluator.from_paths(ModelPaths(lpips=LPIPSPaths(backbone=str(tmp_path / "no-backbone.pth"))))
+    rows = score_folder(items, setup["bench"], out, evaluator)
+    paths = write_report(out, rows, evaluator.columns, evaluator.unavailable, items, {"steps": 50})
+    with open(paths["per_image"]) as f:
+        per_image = list(csv.DictReader(f))
+    assert [r["id"] for r in per_image] == ["000", "001", "002"]
+    assert [float(r["mse"]) for r in per_image] == [r["mse"] for r in rows]  # full precision
+    with open(paths["summary"]) as f:
+        summary = {r["metric"]: r for r in csv.DictReader(f)}
+    assert "no-backbone.pth" in summary["lpips"]["status"]
+    assert summary["clip_similarity"]["status"] == "unavailable: no weights configured (clip.path)"
+    psnr = [r["psnr"] for r in rows]
+    assert float(summary["psnr"]["mean"]) == pytest.approx(np.mean(psnr))
+    assert float(summary["psnr_official"]["mean"]) == pytest.approx(np.mean(psnr) - 10 * np.log10(3))
+    grid = PIL.Image.open(paths["grid_psnr"])
+    assert grid.size == (60 + 3 * 2 * 160, 2 * (160 + 16))
+    report = paths["report"].read_text()
+    assert "![psnr](grids/psnr.png)" in report and "`steps=50`" in report and "no-backbone.pth" in report
+    assert not list(out.rglob("*.tmp*"))  # atomic writes leave no temporaries

@@ -179,3 +179,15 @@ def test_sam_batch_labelling_matches_one_image_at_a_time(tmp_path):
         run_label(run, [run / "filtered" / "part-00000.parquet"], cfg, labeler=labeler)
     a, b = (_read_shard(run / "brushdata" / "p00000-00000.tar") for run in (tmp_path / "a", tmp_path / "b"))
     assert [s.masks_rle for s in a] == [s.masks_rle for s in b] and len(a) == 2
+
+
+def test_label_split_by_shard_covers_every_shard_once_across_tasks(tmp_path):
+    write_download_unit(tmp_path, [photo("coffee", 96)] * 9)
+    parts = [tmp_path / "filtered" / "part-00000.parquet"]
+    cfg = LabelConfig(samples_per_shard=1)
+    owned = []
+    for i in range(3):
+        before = set((tmp_path / "brushdata").glob("*.tar")) if (tmp_path / "brushdata").exists() else set()
+        run_label(tmp_path, parts, cfg, TaskSlice(i, 3), labeler=BoxLabeler(), split_by="shard")
+        owned.append(set((tmp_path / "brushdata").glob("*.tar")) - before)
+    assert sum(len(o) for o in owned) == 9 and sum(1 for o in owned if o) >= 2  # one part, several tasks

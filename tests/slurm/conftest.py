@@ -3,7 +3,7 @@
 The session fixture ``slurm_cluster`` runs ``tests/fixtures/local_slurm.sh start`` (installs slurmctld, slurmd
 and munge with apt-get when missing, writes its own config under /var/lib/brushnet-test-slurm, starts the
 daemons) and ``stop`` at the end when it started them. Set ``BRUSHNET_KEEP_SLURM=1`` to leave the cluster
-running between sessions. It skips, saying why, when the cluster cannot run here: not Linux, not root, no
+running between sessions, and ``SLURM_TEST_PYTHON`` to give the jobs another interpreter. It skips, saying why, when the cluster cannot run here: not Linux, not root, no
 apt-get, or apt-get failing. There is no accounting daemon: job state comes from ``scontrol show job -o``.
 """
 
@@ -50,7 +50,8 @@ class SlurmCluster:
         """The environment for clients and jobs: this process's, scrubbed, pointing at our cluster."""
         env = {k: v for k, v in os.environ.items() if not _SCRUB.match(k)}
         env.update(SLURM_CONF=str(self.conf), HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1")
-        env.update(WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHON=sys.executable)
+        env.update(WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
+        env["PYTHON"] = os.environ.get("SLURM_TEST_PYTHON", sys.executable)  # the jobs' interpreter
         env.update(extra)
         return env
 
@@ -74,6 +75,19 @@ class SlurmCluster:
 
     def state(self, job_id: str) -> str:
         return self.jobs_info(job_id)[0]["JobState"]
+
+    def wait_for_path(self, folder: Path, pattern: str, job_id: str, timeout: float) -> Path:
+        """Polls for a file the running job writes; fails at once if the job ends without it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = sorted(folder.glob(pattern))
+            if found:
+                return found[0]
+            state = self.state(job_id)
+            if state in TERMINAL:
+                pytest.fail(f"job {job_id} ended ({state}) before writing {folder / pattern}")
+            time.sleep(0.5)
+        pytest.fail(f"nothing matches {folder / pattern} after {timeout:.0f} s")
 
     def wait(self, job_id: str, timeout: float, until=TERMINAL, poll: float = 1.0) -> list[dict[str, str]]:
         """Polls until every record of the job is in one of the states ``until``; fails after ``timeout``."""

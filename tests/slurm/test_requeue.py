@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.slurm.conftest import REPO, SlurmCluster, python_stub
+from tests.slurm.conftest import REPO, TERMINAL, SlurmCluster, python_stub
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -31,12 +31,14 @@ def submit_toy(slurm: SlurmCluster, tmp_path: Path, name: str) -> tuple[str, Pat
     return job, run_dir, log
 
 
-def wait_for_step(run_dir: Path, step: int, timeout: float) -> int:
+def wait_for_step(slurm: SlurmCluster, job: str, run_dir: Path, step: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     progress = run_dir / "progress.txt"
     while time.monotonic() < deadline:
         if progress.is_file() and (text := progress.read_text()) and int(text) >= step:
             return int(text)
+        if slurm.state(job) in TERMINAL:
+            pytest.fail(f"job {job} ended before training step {step}")
         time.sleep(0.2)
     pytest.fail(f"no training step >= {step} in {run_dir} after {timeout:.0f} s")
 
@@ -45,7 +47,7 @@ def test_usr1_saves_requeues_and_resumes_to_identical_weights(slurm, tmp_path):
     job, run_dir, log = submit_toy(slurm, tmp_path, "interrupted")
     ref_job, ref_dir, ref_log = submit_toy(slurm, tmp_path, "reference")
 
-    at = wait_for_step(run_dir, 4, timeout=180)
+    at = wait_for_step(slurm, job, run_dir, 4, timeout=180)
     assert at < STEPS
     slurm.run("scancel", "--signal=USR1", job)  # the tasks get it, not the batch shell (no --batch)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from brushnet.loading import load_base_components
 from tests.brushnet.branches import save_branch
 from tests.brushnet.evaluation_builders import fake_benchmark
-from train.eval_callback import BenchmarkEvalCallback
+from train.eval_callback import BenchmarkEvalCallback, pipeline_from_module
 
 
 class TinyModule(L.LightningModule):
@@ -70,3 +71,13 @@ def test_missing_components_are_named(tmp_path):
     callback = BenchmarkEvalCallback(bench, num_images=1)
     with pytest.raises(AttributeError, match="pipeline_factory"):
         callback.evaluate(L.LightningModule())
+
+
+def test_pipeline_uses_the_ema_branch_when_asked(tmp_path, tiny_base_sd15):
+    module = TinyModule(tiny_base_sd15, save_branch(tiny_base_sd15, tmp_path / "branch"))
+    assert pipeline_from_module(module).brushnet is module.brushnet  # no EMA
+    module.ema = copy.deepcopy(module.brushnet).eval()
+    assert pipeline_from_module(module).brushnet is module.ema
+    assert pipeline_from_module(module, use_ema=False).brushnet is module.brushnet
+    pipe = pipeline_from_module(module, scheduler="ddim")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.unet is module.unet

@@ -24,10 +24,14 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(out: Path, *args: str) -> list[dict]:
+def _launch(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "train.bench_fsdp", "run", "--out", str(out), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _run(out: Path, *args: str) -> list[dict]:
+    proc = _launch(out, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads((out / f"losses-rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -118,3 +122,65 @@ def test_adamw8bit_under_fsdp2_trains_resumes_and_tracks_ddp(tmp_path):
     for a, b in zip(rec_full, rec_ddp):
         la, lb = torch.tensor([x for _, x in a["losses"]]), torch.tensor([x for _, x in b["losses"]])
         assert torch.allclose(la, lb, rtol=1e-3), (la, lb)
+
+
+def test_adamw8bit_sharded_state_refuses_another_world_size(tmp_path):
+    full = tmp_path / "full"
+    _run(full, "--strategy", "fsdp", "--optimizer", "adamw8bit", "--steps", "1", "--ckpt-every", "1")
+    proc = _launch(tmp_path / "one", "--strategy", "fsdp", "--optimizer", "adamw8bit", "--steps", "2",
+                   "--devices", "1", "--resume", str(_ckpt(full, 1)))  # fmt: skip
+    assert proc.returncode != 0
+    assert "resumes only on the same number of FSDP ranks" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_trainer_cli_fsdp_adamw8bit_ema_resumes_bit_identical(tmp_path):
+    """The real trainer (``python -m train fit``) with the FSDP2 overlay: 8-bit AdamW, EMA, sharded
+    checkpoints without the frozen base, export on every checkpoint, exact resume of the branch."""
+    import yaml
+
+    from brushnet.tiny import build_tiny_base
+    from tests.train.data_builders import write_shards
+
+    base = build_tiny_base(tmp_path / "base", kind="sd15")
+    write_shards(tmp_path / "shards", [12, 12])
+
+    def fit(run: str, *extra: str) -> Path:
+        root = tmp_path / run
+        overlay = {
+            "model": {"pretrained_model_name_or_path": str(base), "optimizer": "adamw8bit", "ema_decay": 0.9},
+            "data": {"train_shards": str(tmp_path / "shards"), "batch_size": 2},
+            "trainer": {
+                "max_steps": 4,
+                "default_root_dir": str(root),
+                "logger": False,
+                "callbacks": [
+                    {
+                        "class_path": "train.callbacks.BrushNetCheckpoint",
+                        "init_args": {
+                            "dirpath": str(root / "ckpt"),
+                            "every_n_train_steps": 2,
+                            "save_top_k": -1,
+                        },
+                    }
+                ],
+            },
+        }
+        (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump(overlay))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"}
+        cmd = [sys.executable, "-m", "train", "fit", "--config", "configs/tiny_cpu.yaml"]
+        cmd += ["--config", "configs/fsdp_cpu.yaml", "--config", str(tmp_path / f"{run}.yaml"), *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return root
+
+    full = fit("full")
+    ckpts = sorted(c for c in (full / "ckpt").glob("*.ckpt") if c.name != "last.ckpt")
+    assert len(ckpts) == 2 and all((c / "__1_0.distcp").is_file() for c in ckpts)
+    saved = FileSystemReader(str(ckpts[0])).read_metadata().state_dict_metadata
+    assert not any(k.startswith("state_dict.unet.") for k in saved)
+    assert any(k.startswith("optimizer_0.state.brushnet.") and k.endswith("absmax1") for k in saved)
+
+    resumed = fit("resumed", "--ckpt_path", str(ckpts[0]))
+    a = BrushNetModel.from_pretrained(full / "export" / "step-00000004" / "brushnet").state_dict()
+    b = BrushNetModel.from_pretrained(resumed / "export" / "step-00000004" / "brushnet").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,118 @@
+"""The real trainer behind slurm/train.sh on the local cluster: 2 CPU tasks (DDP over gloo), tiny random base.
+
+(1) a job runs to completion and leaves checkpoints and an exported branch that loads;
+(2) SIGUSR1 mid-run (what ``--signal=SIGUSR1@90`` sends before the time limit): Lightning saves an hpc
+    checkpoint and requeues, the job restarts with ``--ckpt_path auto`` and ends with the same step and
+    bit-identical branch weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.slurm.conftest import REPO, SlurmCluster
+from tests.train.data_builders import write_shards
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+CPU = ("--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1")  # this node has no GPUs
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(folder, [6, 6])  # 12 samples: 3 steps per epoch at 2 ranks x batch 2
+    return folder
+
+
+def overlay(tmp_path: Path, base: Path, shards: Path, max_steps: int, every: int) -> Path:
+    """A config composed after configs/tiny_cpu.yaml: test data, few steps, frequent checkpoints, no grids."""
+    cfg = {
+        "model": {"pretrained_model_name_or_path": str(base)},
+        "data": {"train_shards": str(shards), "batch_size": 2, "num_workers": 0},
+        "trainer": {
+            "max_steps": max_steps,
+            "logger": False,
+            "callbacks": [
+                {
+                    "class_path": "train.callbacks.BrushNetCheckpoint",
+                    "init_args": {
+                        "every_n_train_steps": every,
+                        "save_top_k": 2,
+                        "monitor": "step",
+                        "mode": "max",
+                        "filename": "step-{step:08d}",
+                    },
+                }
+            ],
+        },
+    }
+    path = tmp_path / f"overlay-{max_steps}-{every}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def submit(slurm: SlurmCluster, tmp_path: Path, name: str, config: Path) -> tuple[str, Path, Path]:
+    run_dir, log = tmp_path / name, tmp_path / f"{name}.out"
+    env = slurm.env(CONFIG=f"configs/tiny_cpu.yaml {config}", RUN_DIR=str(run_dir))
+    job = slurm.sbatch(*CPU, "--time=15", f"--output={log}", str(REPO / "slurm" / "train.sh"), env=env)
+    return job, run_dir, log
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(
+        torch.load(p, map_location="cpu", weights_only=False)["global_step"]
+        for p in (run_dir / "checkpoints").glob("*.ckpt")
+    )
+
+
+def final_export(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    from brushnet import BrushNetModel
+
+    folder = run_dir / "export" / f"step-{step:08d}" / "brushnet"
+    assert folder.is_dir(), sorted(p.name for p in (run_dir / "export").iterdir())
+    return BrushNetModel.from_pretrained(folder).state_dict()
+
+
+def test_two_task_job_trains_and_exports(slurm, tmp_path, tiny_base_sd15, shards):
+    job, run_dir, log = submit(slurm, tmp_path, "run", overlay(tmp_path, tiny_base_sd15, shards, 4, 2))
+    (info,) = slurm.wait(job, timeout=480)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert "MEMBER: 2/2" in text and "distributed_backend=gloo" in text  # really 2 DDP processes
+    assert checkpoint_steps(run_dir)[-1] == 4
+    weights = final_export(run_dir, 4)
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_preempted_job_resumes_to_identical_weights(slurm, tmp_path, tiny_base_sd15, shards):
+    steps = 16
+    config = overlay(tmp_path, tiny_base_sd15, shards, steps, 4)
+    job, run_dir, log = submit(slurm, tmp_path, "interrupted", config)
+    ref_job, ref_dir, ref_log = submit(slurm, tmp_path, "reference", config)  # runs after, on 2 CPUs
+
+    slurm.wait_for_path(run_dir, "export/step-00000004", job, timeout=480)
+    slurm.run("scancel", "--signal=USR1", job)  # to the tasks, like --signal=SIGUSR1@90
+
+    (info,) = slurm.wait(job, timeout=600)
+    (ref_info,) = slurm.wait(ref_job, timeout=600)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert ref_info["JobState"] == "COMPLETED", ref_log.read_text()
+    assert (info["Restarts"], ref_info["Restarts"]) == ("1", "0")
+    assert f"train.sh: job {job} restart 1" in text
+
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    saved_step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
+    assert 4 <= saved_step < steps, "the signal came too late to test a resume"
+    assert f"Restoring states from the checkpoint path at {hpc}" in text
+
+    assert checkpoint_steps(run_dir)[-1] == checkpoint_steps(ref_dir)[-1] == steps
+    weights, ref_weights = final_export(run_dir, steps), final_export(ref_dir, steps)
+    assert weights.keys() == ref_weights.keys()
+    different = [k for k in weights if not torch.equal(weights[k], ref_weights[k])]
+    assert not different, f"{len(different)} of {len(weights)} tensors differ, e.g. {different[:3]}"

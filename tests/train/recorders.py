@@ -1,0 +1,31 @@
+"""Test-only callback used by the subprocess runs: records batch keys per step and can park the process."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+
+
+class BatchRecorder(L.Callback):
+    """Appends ``{"rank", "step", "keys"}`` per training batch to ``<folder>/batches-rank<r>.jsonl``. With
+    ``pause_at_step`` the process writes ``<folder>/paused`` when that step starts (so the checkpoint of
+    the step before is on disk) and then waits to be killed."""
+
+    def __init__(self, folder: str, pause_at_step: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.pause_at_step = pause_at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.pause_at_step is not None and trainer.global_step == self.pause_at_step:
+            (self.folder / "paused").write_text(str(trainer.global_step))
+            while True:
+                time.sleep(1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        row = {"rank": trainer.global_rank, "step": trainer.global_step, "keys": list(batch["keys"])}
+        with open(self.folder / f"batches-rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
