@@ -92,7 +92,9 @@ class BrushNetCheckpoint(ModelCheckpoint):
         auto_insert_metric_name: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, save_last=save_last, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
+        super().__init__(
+            *args, save_last=save_last, auto_insert_metric_name=auto_insert_metric_name, **kwargs
+        )
         self.export = export
         self.export_dir = export_dir
         self.keep_exports = keep_exports
@@ -316,10 +318,16 @@ class ValidationGrids(L.Callback):
         if not self.samples or step == self._done_step:
             return
         self._done_step = step
+        # trainer.log_dir is a collective under DDP (a broadcast): every rank asks for it, before rank 0 renders
+        root = (
+            Path(self.out_dir)
+            if self.out_dir
+            else Path(trainer.log_dir or trainer.default_root_dir) / "validation"
+        )
         if trainer.is_global_zero:
             try:
                 if self.disabled_reason is None:
-                    self._render(trainer, pl_module, step)
+                    self._render(trainer, pl_module, root / f"step-{step:08d}")
             finally:  # the other ranks are released even if rendering failed
                 bounded_barrier(f"brushnet-validation-{step}", 0, trainer.world_size, self.barrier_timeout_s)
         else:
@@ -344,7 +352,7 @@ class ValidationGrids(L.Callback):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def _render(self, trainer, pl_module, step: int) -> None:
+    def _render(self, trainer, pl_module, folder: Path) -> None:
         try:
             pipe = self.pipeline(pl_module)
         except Exception as e:  # e.g. a sharded (FSDP) branch, or no pipeline available
@@ -391,7 +399,7 @@ class ValidationGrids(L.Callback):
                 m.train(training)
             pl_module.train(pl_module.training)  # re-apply the module's eval rules for frozen parts
         log.info("validation grids (masked input | mask | output | blended) at %s", folder)
-        self._log_images(trainer, grids, step)
+        self._log_images(trainer, grids, trainer.global_step)
 
     @staticmethod
     def _log_images(trainer, grids: list[tuple[str, PIL.Image.Image]], step: int) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -180,15 +181,8 @@ def _check_optimizer_shapes(optim_state: dict, saved: dict, *, prefix: str, path
                 raise ValueError(
                     f"checkpoint {path}: optimizer state {fqn}.{name} was saved with shape {tuple(size)}, "
                     f"this run needs {tuple(value.shape)}; sharded 8-bit AdamW state is quantized per "
-                    "shard and resumes only on the same number of FSDP ranks (resume with the same "
-                    "devices x nodes, or switch to adamw)"
+                    "shard and resumes only on the same number of FSDP ranks (devices x num_nodes)"
                 )
-
-
-def _strategy_base():
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return ModelParallelStrategy
 
 
 _DTYPES = {
@@ -210,7 +204,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-class FSDP2Strategy(_strategy_base()):
+class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` with every process in the data-parallel (FSDP) mesh dimension.
 
     ``ModelParallelStrategy`` defaults to ``data_parallel_size=num_nodes`` and puts the devices of a node

@@ -2,9 +2,10 @@
 
 The session fixture ``slurm_cluster`` runs ``tests/fixtures/local_slurm.sh start`` (installs slurmctld, slurmd
 and munge with apt-get when missing, writes its own config under /var/lib/brushnet-test-slurm, starts the
-daemons) and ``stop`` at the end when it started them. Set ``BRUSHNET_KEEP_SLURM=1`` to leave the cluster
-running between sessions, and ``SLURM_TEST_PYTHON`` to give the jobs another interpreter. It skips, saying why, when the cluster cannot run here: not Linux, not root, no
-apt-get, or apt-get failing. There is no accounting daemon: job state comes from ``scontrol show job -o``.
+daemons) and ``stop`` at the end when it started them. It skips, saying why, when the cluster cannot run
+here: not Linux, not root, no apt-get, or apt-get failing. There is no accounting daemon: job state comes
+from ``scontrol show job -o``. ``BRUSHNET_KEEP_SLURM=1`` leaves the cluster running after the session;
+``SLURM_TEST_PYTHON`` gives the jobs another interpreter (default: this one).
 """
 
 from __future__ import annotations

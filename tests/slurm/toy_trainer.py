@@ -1,4 +1,4 @@
-"""A stand-in for ``python -m train`` that takes the arguments slurm/train.sh passes (toy model, real Lightning).
+"""A stand-in for ``python -m train`` taking the arguments slurm/train.sh passes (toy model, real Lightning).
 
 It isolates the Slurm side of training: DDP from the Slurm allocation, Lightning's SIGUSR1 auto-requeue
 (hpc checkpoint + ``scontrol requeue``), and ``--ckpt_path auto`` on restart. Every step uses the same batch,
