@@ -361,12 +361,6 @@ class ValidationGrids(L.Callback):
                 "validation grids disabled: cannot build the inference pipeline (%s)", self.disabled_reason
             )
             return
-        root = (
-            Path(self.out_dir)
-            if self.out_dir
-            else Path(trainer.log_dir or trainer.default_root_dir) / "validation"
-        )
-        folder = root / f"step-{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         modes = {m: m.training for m in (pl_module.brushnet, pl_module.unet)}
         for m in modes:
