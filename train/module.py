@@ -126,6 +126,7 @@ class BrushNetTrainingModule(L.LightningModule):
         self.weight_dtype = torch.float32
         self.consecutive_skips = 0
         self.skipped_steps = 0
+        self._update_skipped = False
         self.strict_loading = (
             False  # checkpoints hold only the trained branch (+ EMA); see on_load_checkpoint
         )
@@ -253,6 +254,8 @@ class BrushNetTrainingModule(L.LightningModule):
         return weights / snr if self.prediction_type == "epsilon" else weights / (snr + 1.0)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        # set by _non_finite, read by optimizer_step: the EMA follows only real updates
+        self._update_skipped = False
         loss = self.compute_loss(batch, self.step_generator(self._batch_counter()))
         bsz = batch["pixel_values"].shape[0]
         if not torch.isfinite(loss):
@@ -271,6 +274,7 @@ class BrushNetTrainingModule(L.LightningModule):
                 f"{what} {where}; stopping (nan_policy='stop'). No checkpoint was written "
                 "from the non-finite state."
             )
+        self._update_skipped = True
         self.consecutive_skips += 1
         self.skipped_steps += 1
         log.warning("%s %s: skipping this optimizer step (%d in a row)", what, where, self.consecutive_skips)
@@ -299,9 +303,15 @@ class BrushNetTrainingModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimizer step, then the EMA update (before any callback sees the step, e.g. a checkpoint)."""
+        """The optimizer step, then the EMA update.
+
+        Lightning calls this once per optimizer step (after the last accumulated micro-batch), inside the
+        training step, so the EMA of step k is in place before any callback's ``on_train_batch_end`` (the
+        checkpoint of step k). A skipped update (non-finite loss of the closure's micro-batch, or gradients
+        dropped by ``on_before_optimizer_step``) leaves the branch unchanged, and the EMA too.
+        """
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        if self.ema is not None and not self._update_skipped:
             self.update_ema()
 
     @torch.no_grad()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from brushnet.model import BrushNetModel
 from tests.train.batches import make_batch
+from train.callbacks import BrushNetCheckpoint
 from train.conditioning import sdxl_time_ids
 from train.module import BrushNetTrainingModule, NonFiniteLossError, weight_dtype_for
 from train.optim import build_optimizer, lr_lambda
@@ -258,3 +261,60 @@ def test_ema_update_and_lr_schedules(sd15_module):
         lr_lambda("cosine", 10, None)
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], "sgd")
+
+
+class _Snapshots(L.Callback):
+    """Branch and EMA weights as a callback sees them at the end of every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        live = [p.detach().clone() for p in pl_module.brushnet.parameters()]
+        ema = [p.detach().clone() for p in pl_module.ema.parameters()]
+        self.seen.append((trainer.global_step, live, ema))
+
+
+def test_ema_is_updated_before_the_checkpoint_of_its_step_and_not_on_skipped_steps(tiny_base_sd15, tmp_path):
+    """The checkpoint saved at step k holds the EMA after k updates (a hook after the checkpoint
+    callback's would save the EMA of step k-1); a skipped (non-finite) step leaves the EMA alone."""
+    decay = 0.5
+    m = BrushNetTrainingModule(str(tiny_base_sd15), learning_rate=1e-2, ema_decay=decay)
+    initial = [p.detach().clone() for p in m.brushnet.parameters()]
+    good = [make_batch(m.tokenizer, start=i) for i in range(3)]
+    bad = dict(good[0], pixel_values=good[0]["pixel_values"] * float("nan"))
+    batches = [good[0], good[1], bad, good[2]]
+    snaps = _Snapshots()
+    ckpt = BrushNetCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, export=False, filename="s{step}"
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=len(batches),
+        callbacks=[ckpt, snaps],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(m, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert m.skipped_steps == 1 and len(snaps.seen) == len(batches)
+
+    expected, ema_at_step = initial, {}
+    for i, (step, live, ema) in enumerate(snaps.seen):
+        if batches[i] is bad:  # skipped: branch unchanged, EMA unchanged
+            for a, b in zip(live, snaps.seen[i - 1][1]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        else:
+            expected = [decay * e + (1 - decay) * p for e, p in zip(expected, live)]
+        for e, x in zip(ema, expected):
+            torch.testing.assert_close(e, x)
+        ema_at_step[step] = expected
+    saved = sorted((tmp_path / "ckpt").glob("s*.ckpt"))
+    assert saved
+    for path in saved:
+        ckpt_data = torch.load(path, map_location="cpu", weights_only=False)
+        state = {k[len("ema.") :]: v for k, v in ckpt_data["state_dict"].items() if k.startswith("ema.")}
+        names = [n for n, _ in m.ema.named_parameters()]
+        for name, x in zip(names, ema_at_step[ckpt_data["global_step"]]):
+            torch.testing.assert_close(state[name], x)
