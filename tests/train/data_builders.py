@@ -9,9 +9,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from brushnet.brushdata import BrushDataSample, ShardWriter, encode_sample
 from brushnet.masks import brushdata_rle_encode
-
 from brushnet.tiny import write_clip_tokenizer
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat")
