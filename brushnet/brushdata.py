@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import PIL.Image
 
+from brushnet.atomic import atomic_write_text
 from brushnet.masks import MaskError, brushdata_rle_check, brushdata_rle_decode
 
 log = logging.getLogger(__name__)
@@ -469,21 +470,6 @@ def _sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_index(

@@ -8,9 +8,7 @@ runs :class:`brushnet.pipeline.BrushNetInpaintPipeline` once and writes the resu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,24 +81,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {str(args.out)!r}: unknown image format {args.out.suffix!r} (use e.g. .png)")
 
 
-def _save_atomic(image, out: Path) -> None:
-    from PIL import Image
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fmt = Image.registered_extensions()[out.suffix.lower()]
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def inpaint(args: argparse.Namespace) -> Path:
     import torch
 
+    from brushnet.atomic import save_image_atomic
     from brushnet.pipeline import BrushNetInpaintPipeline
 
     _check_inputs(args)
@@ -134,7 +118,7 @@ def inpaint(args: argparse.Namespace) -> Path:
         blend=not args.no_blend,
         blur_size=args.blur_size,
     )
-    _save_atomic(result.images[0], args.out)
+    save_image_atomic(result.images[0], args.out)
     return args.out
 
 

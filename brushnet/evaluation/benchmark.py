@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import PIL.Image
 
+from brushnet import atomic
 from brushnet.masks import MaskError, benchmark_rle_decode
 
 MaskKind = Literal["inside", "outside"]
@@ -109,21 +109,12 @@ def output_paths(out_dir: str | os.PathLike, item: BenchmarkItem) -> tuple[Path,
 
 
 def save_image_atomic(image: PIL.Image.Image, path: Path) -> None:
-    """Write ``image`` to a temporary file next to ``path`` and rename it (format from the suffix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = PIL.Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise BenchmarkError(f"cannot write {str(path)!r}: unknown image format {path.suffix!r}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``image`` atomically (format from the suffix). JPEG at PIL's default quality (75), as the
+    official script's ``image.save(path)``: the compression is part of the published PSNR/MSE/LPIPS numbers."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            # JPEG at PIL's default quality (75), as the official script's `image.save(path)`: the
-            # compression is part of the published PSNR/MSE/LPIPS numbers.
-            image.save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic.save_image_atomic(image, path)
+    except ValueError as e:
+        raise BenchmarkError(str(e)) from e
 
 
 @dataclass(frozen=True)
