@@ -19,7 +19,7 @@
 #   RUN_DIR      run directory (trainer.default_root_dir: checkpoints, exports, hpc_ckpt_*.ckpt, logs)
 #                default runs/<job name>-<job id>: a requeued job keeps its id, so it resumes from there;
 #                submitting again with the same RUN_DIR continues that run (from its last checkpoint)
-#   CKPT_PATH    --ckpt_path for `fit`             default auto (hpc checkpoint, else last.ckpt, else none)
+#   CKPT_PATH    --ckpt_path for `fit`             default auto (newer of hpc checkpoint and last.ckpt)
 #   PYTHON       interpreter                       default ./.venv/bin/python if present, else python3
 #   EXTRA_ARGS   more `fit` arguments, word-split  e.g. "--trainer.max_steps=20000 --data.batch_size=4"
 #   ACCELERATOR  sets --trainer.accelerator        default: the config's value
@@ -27,9 +27,10 @@
 #   WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE, WANDB_API_KEY   passed to W&B as usual;
 #   WANDB_RUN_ID default <job name>-<job id> and WANDB_RESUME=allow, so a requeued job continues its W&B run.
 #
-# Preemption / time limit: Slurm sends SIGUSR1 to every task 90 s before the limit (--signal); Lightning's
-# SLURM environment saves $RUN_DIR/hpc_ckpt_<n>.ckpt and requeues the job (--requeue), which restarts this
-# script with the same job id, hence the same RUN_DIR, and `--ckpt_path auto` resumes from that checkpoint.
+# Preemption / time limit: Slurm sends SIGUSR1 to every task 90 s before the limit (--signal); the trainer
+# (train/requeue.py) finishes the current step, saves $RUN_DIR/hpc_ckpt_<n>.ckpt and requeues the job
+# (--requeue), which restarts this script with the same job id, hence the same RUN_DIR, and
+# `--ckpt_path auto` resumes from that checkpoint: the resumed run is bit-identical to an uninterrupted one.
 # Send the signal by hand with `scancel --signal=USR1 <job id>` (not --batch: the tasks must get it).
 #
 #SBATCH --job-name=brushnet-train

@@ -73,6 +73,19 @@ def export_branches(pl_module, folder: str | os.PathLike, rank: int) -> list[Pat
     return out
 
 
+def save_checkpoint_atomically(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
+    """``trainer.save_checkpoint`` (collective) to a temporary sibling, renamed on rank 0 when complete."""
+    # No "last" in the temporary name: Lightning's ckpt_path="last" search must never pick it up.
+    tmp = os.path.join(os.path.dirname(filepath), f".{uuid.uuid4().hex[:12]}.partial-{os.getpid()}")
+    tmp = trainer.strategy.broadcast(tmp)
+    trainer.save_checkpoint(tmp, weights_only)  # collective; ends with a barrier
+    if trainer.is_global_zero:
+        if os.path.isdir(tmp) and os.path.isdir(filepath):  # sharded (distributed) checkpoint folders
+            shutil.rmtree(filepath)
+        os.replace(tmp, filepath)
+    trainer.strategy.barrier("save_checkpoint_atomically")
+
+
 class BrushNetCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` + atomic writes + finite-weights check + diffusers export of the branch (and EMA).
 
@@ -136,15 +149,7 @@ class BrushNetCheckpoint(ModelCheckpoint):
                 f"refusing to write {filepath}: the branch (or its EMA) has NaN/Inf weights at step "
                 f"{trainer.global_step}; the previous checkpoints are left untouched"
             )
-        # No "last" in the temporary name: Lightning's ckpt_path="last" search must never pick it up.
-        tmp = os.path.join(os.path.dirname(filepath), f".{uuid.uuid4().hex[:12]}.partial-{os.getpid()}")
-        tmp = trainer.strategy.broadcast(tmp)
-        trainer.save_checkpoint(tmp, self.save_weights_only)  # collective; ends with a barrier
-        if trainer.is_global_zero:
-            if os.path.isdir(tmp) and os.path.isdir(filepath):  # sharded (distributed) checkpoint folders
-                shutil.rmtree(filepath)
-            os.replace(tmp, filepath)
-        trainer.strategy.barrier("BrushNetCheckpoint.rename")
+        save_checkpoint_atomically(trainer, filepath, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
@@ -263,7 +268,8 @@ class ValidationGrids(L.Callback):
 
     Grids go to ``<out_dir or trainer.log_dir/validation>/step-XXXXXXXX/<i>.png`` and to every logger that
     takes images (W&B, TensorBoard). Under DDP global rank 0 renders; the other ranks wait at a bounded
-    barrier. Without a working pipeline the callback logs why and switches itself off.
+    barrier. Under FSDP2 (sharded branch) every rank renders, since each forward gathers the shards, and
+    rank 0 writes. Without a working pipeline the callback logs why and switches itself off.
     """
 
     def __init__(
@@ -324,10 +330,19 @@ class ValidationGrids(L.Callback):
             if self.out_dir
             else Path(trainer.log_dir or trainer.default_root_dir) / "validation"
         )
+        folder = root / f"step-{step:08d}"
+        from train.fsdp import is_sharded
+
+        if is_sharded(pl_module.brushnet.parameters()):
+            # FSDP2: every forward all-gathers the shards, a collective, so all ranks render the same
+            # samples in lockstep (no barrier needed) and rank 0 writes and logs.
+            if self.disabled_reason is None:
+                self._render(trainer, pl_module, folder, write=trainer.is_global_zero)
+            return
         if trainer.is_global_zero:
             try:
                 if self.disabled_reason is None:
-                    self._render(trainer, pl_module, root / f"step-{step:08d}")
+                    self._render(trainer, pl_module, folder)
             finally:  # the other ranks are released even if rendering failed
                 bounded_barrier(f"brushnet-validation-{step}", 0, trainer.world_size, self.barrier_timeout_s)
         else:
@@ -352,7 +367,7 @@ class ValidationGrids(L.Callback):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def _render(self, trainer, pl_module, folder: Path) -> None:
+    def _render(self, trainer, pl_module, folder: Path, write: bool = True) -> None:
         try:
             pipe = self.pipeline(pl_module)
         except Exception as e:  # e.g. a sharded (FSDP) branch, or no pipeline available
@@ -361,7 +376,8 @@ class ValidationGrids(L.Callback):
                 "validation grids disabled: cannot build the inference pipeline (%s)", self.disabled_reason
             )
             return
-        folder.mkdir(parents=True, exist_ok=True)
+        if write:
+            folder.mkdir(parents=True, exist_ok=True)
         modes = {m: m.training for m in (pl_module.brushnet, pl_module.unet)}
         for m in modes:
             m.eval()
@@ -381,6 +397,8 @@ class ValidationGrids(L.Callback):
                     blend=False,
                     output_type="pil",
                 ).images[0]
+                if not write:
+                    continue
                 grid = validation_grid(image, mask, output)
                 path = folder / f"{i:02d}.png"
                 tmp = folder / f".{i:02d}.png.partial"
@@ -392,6 +410,8 @@ class ValidationGrids(L.Callback):
             for m, training in modes.items():
                 m.train(training)
             pl_module.train(pl_module.training)  # re-apply the module's eval rules for frozen parts
+        if not write:
+            return
         log.info("validation grids (masked input | mask | output | blended) at %s", folder)
         self._log_images(trainer, grids, trainer.global_step)
 

@@ -2,8 +2,9 @@
 
 The DataModule's ``tokenizer`` is linked to the model's ``pretrained_model_name_or_path`` (one base path
 in the config), and the resolved config is saved as ``config.yaml`` in every run's log folder.
-``--ckpt_path auto`` (what ``slurm/train.sh`` passes) resumes from the newest requeue checkpoint
-(``<default_root_dir>/hpc_ckpt_<n>.ckpt``), else ``<default_root_dir>/checkpoints/last.ckpt``, else starts fresh.
+``--ckpt_path auto`` (what ``slurm/train.sh`` passes) resumes from the newer of the requeue checkpoint
+(``<default_root_dir>/hpc_ckpt_<n>.ckpt``) and ``<default_root_dir>/checkpoints/last.ckpt``, else starts fresh.
+:class:`train.requeue.SlurmRequeue` is always installed (options under ``requeue:``).
 """
 
 from __future__ import annotations
@@ -16,24 +17,27 @@ from lightning.pytorch.cli import LightningCLI
 
 from train.data import BrushDataModule
 from train.module import BrushNetTrainingModule
+from train.requeue import SlurmRequeue, hpc_checkpoints
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger(__name__)
 
 
 def resolve_auto_ckpt(root_dir: str | Path) -> str | None:
-    """The checkpoint ``--ckpt_path auto`` resumes from: newest hpc (requeue) checkpoint, else last.ckpt."""
+    """The checkpoint ``--ckpt_path auto`` resumes from: the newest hpc (requeue) checkpoint or last.ckpt,
+    whichever was written later (a run requeued at step 1,000 that later saved step 5,000 and then died on
+    a node failure must resume from 5,000); ``None`` when there is neither."""
     root = Path(root_dir)
-    hpc = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
-    if hpc:
-        return str(hpc[-1])
-    last = root / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
+    candidates = hpc_checkpoints(root)[-1:] + [p for p in [root / "checkpoints" / "last.ckpt"] if p.exists()]
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda p: p.stat().st_mtime_ns))
 
 
 class BrushNetCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.pretrained_model_name_or_path", "data.tokenizer")
+        parser.add_lightning_class_args(SlurmRequeue, "requeue")
 
     def before_fit(self) -> None:
         cfg = self.config_init["fit"]

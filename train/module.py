@@ -307,12 +307,22 @@ class BrushNetTrainingModule(L.LightningModule):
 
         Lightning calls this once per optimizer step (after the last accumulated micro-batch), inside the
         training step, so the EMA of step k is in place before any callback's ``on_train_batch_end`` (the
-        checkpoint of step k). A skipped update (non-finite loss of the closure's micro-batch, or gradients
-        dropped by ``on_before_optimizer_step``) leaves the branch unchanged, and the EMA too.
+        checkpoint of step k). A skipped update (non-finite loss of the closure's micro-batch, gradients
+        dropped by ``on_before_optimizer_step``, or inf/NaN gradients found by the ``16-mixed`` GradScaler)
+        leaves the branch unchanged, and the EMA and the LR schedule too.
         """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
         super().optimizer_step(*args, **kwargs)
+        if scale is not None and scaler.get_scale() < scale:  # GradScaler.update() backs off only on a skip
+            self._update_skipped = True
         if self.ema is not None and not self._update_skipped:
             self.update_ema()
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """The LR schedule counts real updates: a skipped optimizer step does not advance it."""
+        if not self._update_skipped:
+            super().lr_scheduler_step(scheduler, metric)
 
     @torch.no_grad()
     def update_ema(self) -> None:

@@ -1,8 +1,8 @@
 """Preemption on the real cluster with a toy Lightning trainer behind slurm/train.sh.
 
-SIGUSR1 to the tasks (what ``--signal=SIGUSR1@90`` does before the time limit) -> Lightning saves an hpc
-checkpoint and requeues the job -> train.sh restarts with the same run dir and ``--ckpt_path auto`` -> the
-run resumes and ends with the same step and weights as an uninterrupted one. The real trainer's version of
+SIGUSR1 to the tasks (what ``--signal=SIGUSR1@90`` does before the time limit) -> ``SlurmRequeue`` saves
+an hpc checkpoint at the end of the step and requeues the job -> train.sh restarts with the same run dir
+and ``--ckpt_path auto`` -> the run resumes and ends with the same step and weights as an uninterrupted one. The real trainer's version of
 this test is in test_train_job.py.
 """
 

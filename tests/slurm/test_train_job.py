@@ -1,9 +1,9 @@
 """The real trainer behind slurm/train.sh on the local cluster: 2 CPU tasks (DDP over gloo), tiny random base.
 
 (1) a job runs to completion and leaves checkpoints and an exported branch that loads;
-(2) SIGUSR1 mid-run (what ``--signal=SIGUSR1@90`` sends before the time limit): Lightning saves an hpc
-    checkpoint and requeues, the job restarts with ``--ckpt_path auto`` and ends with the same step and
-    bit-identical branch weights as an uninterrupted run.
+(2) SIGUSR1 mid-run (what ``--signal=SIGUSR1@90`` sends before the time limit): ``train.requeue`` saves an
+    hpc checkpoint at the end of the current step and requeues, the job restarts with ``--ckpt_path auto``
+    and ends with the same step and bit-identical branch weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -97,11 +97,6 @@ def test_two_task_job_trains_and_exports(slurm, tmp_path, tiny_base_sd15, shards
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (issue 5): Lightning's SIGUSR1 handler saves hpc_ckpt mid-step, so the data position and "
-    "RNG state are captured inside a step; fix: save the requeue checkpoint at a batch boundary",
-)
 def test_preempted_job_resumes_to_identical_weights(slurm, tmp_path, tiny_base_sd15, shards):
     steps = 16
     config = overlay(tmp_path, tiny_base_sd15, shards, steps, 4)

@@ -1,7 +1,8 @@
 """A stand-in for ``python -m train`` taking the arguments slurm/train.sh passes (toy model, real Lightning).
 
-It isolates the Slurm side of training: DDP from the Slurm allocation, Lightning's SIGUSR1 auto-requeue
-(hpc checkpoint + ``scontrol requeue``), and ``--ckpt_path auto`` on restart. Every step uses the same batch,
+It isolates the Slurm side of training: DDP from the Slurm allocation, the trainer's SIGUSR1 requeue
+(``train.requeue.SlurmRequeue``: hpc checkpoint at a step boundary + ``scontrol requeue``), and
+``--ckpt_path auto`` (``train.cli.resolve_auto_ckpt``) on restart. Every step uses the same batch,
 so the result depends only on the model/optimizer state and the step count, not on the data position.
 Writes ``progress.txt`` (global step, rank 0) during training and ``final.pt`` + ``result.json`` at the end.
 """
@@ -11,13 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from train.cli import resolve_auto_ckpt
+from train.requeue import SlurmRequeue
 
 
 class Toy(L.LightningModule):
@@ -41,15 +44,6 @@ class Toy(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def resolve_auto(root: Path) -> str | None:
-    """The trainer CLI's ``--ckpt_path auto``: newest hpc checkpoint, else last.ckpt, else none."""
-    hpc = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
-    if hpc:
-        return str(hpc[-1])
-    last = root / "last.ckpt"
-    return str(last) if last.is_file() else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["fit"])
@@ -62,7 +56,7 @@ def main() -> None:
     parser.add_argument("--step_seconds", type=float, default=0.3)
     args = parser.parse_args()
     root = Path(args.root)
-    ckpt = resolve_auto(root) if args.ckpt_path == "auto" else args.ckpt_path
+    ckpt = resolve_auto_ckpt(root) if args.ckpt_path == "auto" else args.ckpt_path
 
     L.seed_everything(0)
     torch.set_num_threads(1)
@@ -80,6 +74,7 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[SlurmRequeue()],
     )
     if trainer.is_global_zero:
         print(f"toy: world {trainer.world_size} resuming from {ckpt}", flush=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,11 +14,19 @@ import lightning as L
 class BatchRecorder(L.Callback):
     """Appends ``{"rank", "step", "keys"}`` per training batch to ``<folder>/batches-rank<r>.jsonl``. With
     ``pause_at_step`` the process writes ``<folder>/paused`` when that step starts (so the checkpoint of
-    the step before is on disk) and then waits to be killed."""
+    the step before is on disk) and then waits to be killed. With ``signal_at_step`` the process sends itself
+    SIGUSR1 in the middle of that step (after the forward, before the backward)."""
 
-    def __init__(self, folder: str, pause_at_step: int | None = None) -> None:
+    def __init__(
+        self, folder: str, pause_at_step: int | None = None, signal_at_step: int | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.pause_at_step = pause_at_step
+        self.signal_at_step = signal_at_step
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if trainer.global_step == self.signal_at_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.pause_at_step is not None and trainer.global_step == self.pause_at_step:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -117,13 +119,21 @@ def test_nan_stop_never_overwrites_a_good_checkpoint(tmp_path, tiny_base_sd15, d
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == good
 
 
-def test_ckpt_path_auto_prefers_newest_hpc_then_last(tmp_path):
+def test_ckpt_path_auto_takes_the_newer_of_hpc_and_last(tmp_path):
     from train.cli import resolve_auto_ckpt
+
+    def touch(path: Path, t: int) -> None:
+        path.write_bytes(b"x")
+        os.utime(path, ns=(t, t))
 
     assert resolve_auto_ckpt(tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    assert resolve_auto_ckpt(tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
-    for n in (2, 10, 9):
-        (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"x")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    touch(last, 10**18)
+    assert resolve_auto_ckpt(tmp_path) == str(last)
+    for n in (2, 10, 9):  # numbered, the highest is the newest requeue save
+        touch(tmp_path / f"hpc_ckpt_{n}.ckpt", 2 * 10**18 if n == 10 else 3 * 10**18)
+    touch(tmp_path / "hpc_ckpt_x.ckpt", 4 * 10**18)  # not a requeue checkpoint
     assert resolve_auto_ckpt(tmp_path) == str(tmp_path / "hpc_ckpt_10.ckpt")
+    touch(last, 5 * 10**18)  # the run went on after the requeue and saved later
+    assert resolve_auto_ckpt(tmp_path) == str(last)

@@ -161,7 +161,20 @@ def test_trainer_cli_fsdp_adamw8bit_ema_resumes_bit_identical(tmp_path):
                             "every_n_train_steps": 2,
                             "save_top_k": -1,
                         },
-                    }
+                    },
+                    {  # under FSDP2 every rank renders (each forward gathers shards), rank 0 writes
+                        "class_path": "train.callbacks.ValidationGrids",
+                        "init_args": {
+                            "every_n_steps": 2,
+                            "resolution": 32,
+                            "num_inference_steps": 2,
+                            "out_dir": str(root / "grids"),
+                            "barrier_timeout_s": 60,
+                            "samples": [
+                                {"image": "skimage:coffee", "mask": "box:0.2,0.2,0.6,0.6", "prompt": "x"}
+                            ],
+                        },
+                    },
                 ],
             },
         }
@@ -174,6 +187,8 @@ def test_trainer_cli_fsdp_adamw8bit_ema_resumes_bit_identical(tmp_path):
         return root
 
     full = fit("full")
+    grids = sorted(p.relative_to(full / "grids").as_posix() for p in (full / "grids").rglob("*.png"))
+    assert grids == ["step-00000002/00.png", "step-00000004/00.png"]
     ckpts = sorted(c for c in (full / "ckpt").glob("*.ckpt") if c.name != "last.ckpt")
     assert len(ckpts) == 2 and all((c / "__1_0.distcp").is_file() for c in ckpts)
     saved = FileSystemReader(str(ckpts[0])).read_metadata().state_dict_metadata

@@ -278,8 +278,14 @@ class _Snapshots(L.Callback):
 def test_ema_is_updated_before_the_checkpoint_of_its_step_and_not_on_skipped_steps(tiny_base_sd15, tmp_path):
     """The checkpoint saved at step k holds the EMA after k updates (a hook after the checkpoint
     callback's would save the EMA of step k-1); a skipped (non-finite) step leaves the EMA alone."""
-    decay = 0.5
-    m = BrushNetTrainingModule(str(tiny_base_sd15), learning_rate=1e-2, ema_decay=decay)
+    decay, lr, warmup = 0.5, 1e-2, 10
+    m = BrushNetTrainingModule(
+        str(tiny_base_sd15),
+        learning_rate=lr,
+        ema_decay=decay,
+        lr_scheduler="constant",
+        lr_warmup_steps=warmup,
+    )
     initial = [p.detach().clone() for p in m.brushnet.parameters()]
     good = [make_batch(m.tokenizer, start=i) for i in range(3)]
     bad = dict(good[0], pixel_values=good[0]["pixel_values"] * float("nan"))
@@ -299,6 +305,9 @@ def test_ema_is_updated_before_the_checkpoint_of_its_step_and_not_on_skipped_ste
     )
     trainer.fit(m, train_dataloaders=DataLoader(batches, batch_size=None))
     assert m.skipped_steps == 1 and len(snaps.seen) == len(batches)
+    # the LR schedule counts the 3 real updates, not the 4 batches
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr * lr_lambda("constant", warmup)(3))
 
     expected, ema_at_step = initial, {}
     for i, (step, live, ema) in enumerate(snaps.seen):
@@ -318,3 +327,60 @@ def test_ema_is_updated_before_the_checkpoint_of_its_step_and_not_on_skipped_ste
         names = [n for n, _ in m.ema.named_parameters()]
         for name, x in zip(names, ema_at_step[ckpt_data["global_step"]]):
             torch.testing.assert_close(state[name], x)
+
+
+def test_16_mixed_steps_skipped_by_the_grad_scaler_leave_branch_ema_and_lr_alone(tiny_base_sd15):
+    """A huge initial loss scale overflows the fp16 gradients: the GradScaler skips those steps and backs the
+    scale off until it fits. Skipped steps must not move the EMA or the LR schedule."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    m = BrushNetTrainingModule(
+        str(tiny_base_sd15), learning_rate=1e-3, ema_decay=0.5, lr_scheduler="constant", lr_warmup_steps=100
+    )
+    scaler = torch.amp.GradScaler(
+        "cpu", init_scale=2.0**40, backoff_factor=2.0**-10
+    )  # none on CPU by default
+    batches = [make_batch(m.tokenizer, start=i) for i in range(6)]
+
+    class Watch(L.Callback):
+        def __init__(self) -> None:
+            self.rows: list[tuple[bool, bool, float]] = []  # (branch moved, ema moved, scale after the step)
+            self.before: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.before = (
+                [p.detach().clone() for p in pl_module.brushnet.parameters()],
+                [p.detach().clone() for p in pl_module.ema.parameters()],
+            )
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            def moved(a, b):
+                return any(not torch.equal(x, y.detach()) for x, y in zip(a, b))
+
+            live, ema = self.before
+            self.rows.append(
+                (
+                    moved(live, pl_module.brushnet.parameters()),
+                    moved(ema, pl_module.ema.parameters()),
+                    scaler.get_scale(),
+                )
+            )
+
+    watch = Watch()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        max_steps=len(batches),
+        callbacks=[watch],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(m, train_dataloaders=DataLoader(batches, batch_size=None))
+    skipped = [not branch for branch, _, _ in watch.rows]
+    assert any(skipped) and not all(skipped), watch.rows  # some overflowed, later ones fit
+    assert [ema for _, ema, _ in watch.rows] == [not s for s in skipped]
+    real = len(skipped) - sum(skipped)
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == real

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,24 +33,24 @@ def _env() -> dict[str, str]:
     )
 
 
-def with_recorder(cfg: Path, folder: Path, pause_at_step: int | None = None) -> Path:
+def with_recorder(
+    cfg: Path, folder: Path, pause_at_step: int | None = None, signal_at_step: int | None = None
+) -> Path:
     data = yaml.safe_load(cfg.read_text())
+    args = {"folder": str(folder), "pause_at_step": pause_at_step, "signal_at_step": signal_at_step}
     data["trainer"]["callbacks"].append(
-        {
-            "class_path": "tests.train.recorders.BatchRecorder",
-            "init_args": {"folder": str(folder), "pause_at_step": pause_at_step},
-        }
+        {"class_path": "tests.train.recorders.BatchRecorder", "init_args": args}
     )
     out = cfg.with_name(f"{cfg.stem}-{folder.name}.yaml")
     out.write_text(yaml.safe_dump(data))
     return out
 
 
-def run_cli(args: list[str], timeout: float = 240) -> None:
+def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "train", *args],
         cwd=ROOT,
-        env=_env(),
+        env={**_env(), **(env or {})},
         timeout=timeout,
         capture_output=True,
         text=True,
@@ -62,28 +63,45 @@ def keys(folder: Path, rank: int = 0) -> list[tuple[int, list[str]]]:
     return [(r["step"], r["keys"]) for r in map(json.loads, lines)]
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base_sd15):
-    data = tiny_data(tmp_path / "data")
-    base_cfg = overlay(tmp_path / "o.yaml", every=3, ema=True)
-    n = 3
-    full_rec, split_rec = tmp_path / "rec-full", tmp_path / "rec-split"
-    run_cli(
-        cli_args(
-            tiny_base_sd15,
-            data,
-            tmp_path / "full",
-            with_recorder(base_cfg, full_rec),
-            f"--trainer.max_steps={2 * n}",
-        )
-    )
+N = 3  # resume at step N of 2N
 
-    # the same run, SIGKILLed while step n+1 starts (checkpoint of step n on disk), then resumed
+
+@dataclass
+class Runs:
+    """Tiny data, the shared config overlay and the uninterrupted reference run of 2N steps."""
+
+    data: Path
+    config: Path
+    full: Path
+    full_rec: Path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_base_sd15) -> Runs:
+    tmp = tmp_path_factory.mktemp("resume")
+    data = tiny_data(tmp / "data")
+    config = overlay(tmp / "o.yaml", every=N, ema=True)
+    full, full_rec = tmp / "full", tmp / "rec-full"
+    run_cli(
+        cli_args(tiny_base_sd15, data, full, with_recorder(config, full_rec), f"--trainer.max_steps={2 * N}")
+    )
+    return Runs(data, config, full, full_rec)
+
+
+def assert_same_as_full(runs: Runs, run: Path, rec: Path) -> None:
+    assert keys(rec) == keys(runs.full_rec)  # the same samples in the same order, step by step
+    for name in ("brushnet", "brushnet_ema"):
+        a = BrushNetModel.from_pretrained(runs.full / "export" / f"step-{2 * N:08d}" / name)
+        b = BrushNetModel.from_pretrained(run / "export" / f"step-{2 * N:08d}" / name)
+        for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), (name, k)
+
+
+def test_sigkill_then_resume_is_bit_identical(runs, tmp_path, tiny_base_sd15):
+    # the same run, SIGKILLed while step N+1 starts (checkpoint of step N on disk), then resumed
+    run, rec = tmp_path / "split", tmp_path / "rec-split"
     args = cli_args(
-        tiny_base_sd15,
-        data,
-        tmp_path / "split",
-        with_recorder(base_cfg, split_rec, n),
-        f"--trainer.max_steps={2 * n}",
+        tiny_base_sd15, runs.data, run, with_recorder(runs.config, rec, N), f"--trainer.max_steps={2 * N}"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "train", *args],
@@ -93,27 +111,59 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base_sd15):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 240
-    while not (split_rec / "paused").exists():
+    while not (rec / "paused").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it paused"
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     resume = cli_args(
         tiny_base_sd15,
-        data,
-        tmp_path / "split",
-        with_recorder(base_cfg, split_rec),
-        f"--trainer.max_steps={2 * n}",
+        runs.data,
+        run,
+        with_recorder(runs.config, rec),
+        f"--trainer.max_steps={2 * N}",
         "--ckpt_path=last",
     )
     run_cli(resume)
+    assert_same_as_full(runs, run, rec)
 
-    assert keys(split_rec) == keys(full_rec)  # the same samples in the same order, step by step
-    for name in ("brushnet", "brushnet_ema"):
-        a = BrushNetModel.from_pretrained(tmp_path / "full" / "export" / f"step-{2 * n:08d}" / name)
-        b = BrushNetModel.from_pretrained(tmp_path / "split" / "export" / f"step-{2 * n:08d}" / name)
-        for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.equal(x, y), (name, k)
+
+def test_slurm_signal_mid_step_saves_at_the_step_end_requeues_and_resumes_bit_identical(
+    runs, tmp_path, tiny_base_sd15
+):
+    """SIGUSR1 arrives inside a step (between forward and backward) of a job that Lightning sees as a
+    1-task Slurm job; ``scontrol`` is a recorder on PATH. The requeue checkpoint holds the end of that step,
+    and running the same command again (what the requeued job does) finishes as the uninterrupted run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "brushnet-test",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
+    run, rec = tmp_path / "split", tmp_path / "rec-split"
+
+    def command(recorder: Path) -> list[str]:
+        more = (f"--trainer.max_steps={2 * N}", "--ckpt_path=auto")
+        return cli_args(tiny_base_sd15, runs.data, run, recorder, *more)
+
+    run_cli(command(with_recorder(runs.config, rec, signal_at_step=N)), env=slurm)
+    assert calls.read_text().split() == ["requeue", "4242"]
+    hpc = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert hpc["global_step"] == N + 1  # the end of the step the signal interrupted
+    assert [step for step, _ in keys(rec)] == list(range(1, N + 2))  # it stopped right after that step
+
+    run_cli(command(with_recorder(runs.config, rec)), env=slurm)  # the requeued job: the same command
+    assert calls.read_text().split() == ["requeue", "4242"]  # no second requeue
+    assert_same_as_full(runs, run, rec)
 
 
 def test_ddp_two_cpu_processes(tmp_path, tiny_base_sd15):

@@ -1,0 +1,119 @@
+"""Slurm preemption: save at a step boundary, requeue the job, stop. The CLI always installs this callback.
+
+Lightning's own SLURM auto-requeue saves its checkpoint inside the signal handler, i.e. wherever the main
+thread happens to be. Mid-step, the loop's batch progress reads ready=n, processed=n-1 and the data
+position and RNG state belong to no step boundary, so the resumed run is not the run it replaces. Here
+the handler only sets a flag. After the current step, the ranks agree (one signalled rank is enough,
+since Slurm may deliver the signal to them at different steps). Then every rank takes part in writing
+``<default_root_dir>/hpc_ckpt_<n>.ckpt`` atomically, older ``hpc_ckpt_*`` files are removed, rank 0 runs
+``scontrol requeue <job>``, and the processes exit. The requeued job restarts ``slurm/train.sh``, whose
+``--ckpt_path auto`` resumes from the newest checkpoint: it is the same run, step for step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from types import FrameType
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from train.callbacks import save_checkpoint_atomically
+
+log = logging.getLogger(__name__)
+
+HPC_PREFIX = "hpc_ckpt_"  # Lightning's name for requeue checkpoints (it finds them with ckpt_path="hpc")
+
+
+def hpc_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """``<root>/hpc_ckpt_<n>.ckpt`` files sorted by ``n``."""
+    found = []
+    for path in Path(root).glob(f"{HPC_PREFIX}*.ckpt"):
+        number = path.stem[len(HPC_PREFIX) :]
+        if number.isdigit():
+            found.append((int(number), path))
+    return [path for _, path in sorted(found)]
+
+
+def slurm_job_id() -> str:
+    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` in an array, else ``SLURM_JOB_ID``."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
+
+
+class SlurmRequeue(L.Callback):
+    """On ``signal`` (what ``#SBATCH --signal=SIGUSR1@90`` sends before the time limit) save, requeue, stop.
+
+    Active only when Lightning detects Slurm (``SLURM_NTASKS`` set, job not named bash/interactive).
+    ``requeue=False`` saves and stops without requeueing (e.g. a job submitted with ``--no-requeue``).
+    """
+
+    def __init__(self, signal: str = "SIGUSR1", requeue: bool = True) -> None:
+        self.signum = signal_number(signal)
+        self.requeue = requeue
+        self.signalled = False
+        self._previous_handler = None
+        self._active = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or not SLURMEnvironment.detect():
+            return
+        # Registered before the trainer installs its own signal handlers, which then leave this signal
+        # alone (Lightning only adds its SLURM handler where none is set).
+        self._previous_handler = signal.signal(self.signum, self._on_signal)
+        self._active = True
+        if trainer.is_global_zero:
+            for stale in Path(trainer.default_root_dir).glob(".*.partial-*"):  # a save killed midway
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        log.info("Slurm job %s: on %s save hpc checkpoint, requeue, stop", slurm_job_id(), self.signum.name)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._active:
+            signal.signal(self.signum, self._previous_handler or signal.SIG_DFL)
+            self._active = False
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signalled = True  # nothing else here: the main thread may be anywhere in a step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if not self._active or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        root = Path(trainer.default_root_dir)
+        older = hpc_checkpoints(root)
+        number = int(older[-1].stem[len(HPC_PREFIX) :]) + 1 if older else 1
+        path = root / f"{HPC_PREFIX}{number}.ckpt"
+        log.info("%s received: saving step %d to %s", self.signum.name, trainer.global_step, path)
+        save_checkpoint_atomically(trainer, str(path))
+        if not trainer.is_global_zero:
+            raise SystemExit(0)
+        for old in older:
+            old.unlink(missing_ok=True)
+        if not self.requeue:
+            raise SystemExit(0)
+        job = slurm_job_id()
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if done.returncode != 0:
+            log.error(
+                "scontrol requeue %s failed (%s): %s. The checkpoint is saved: submit again with the same "
+                "RUN_DIR to resume from %s",
+                job,
+                done.returncode,
+                done.stderr.strip(),
+                path,
+            )
+            raise SystemExit(1)
+        log.info("requeued Slurm job %s; it resumes from %s", job, path)
+        raise SystemExit(0)
+
+
+def signal_number(name: str) -> signal.Signals:
+    try:
+        return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+    except KeyError:
+        raise ValueError(f"SlurmRequeue signal={name!r}: not a signal name such as 'SIGUSR1'") from None
