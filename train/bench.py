@@ -85,21 +85,25 @@ def bare_loop(module, batch, steps: int, optimizer: str, bf16: bool) -> list[flo
 
 
 class _Timer(L.Callback):
+    """Seconds from one batch start to the next: the whole loop iteration, Lightning's own work included
+    (fetching, hooks, logging, the LR scheduler), as the bare loop's timing includes all of its work."""
+
     def __init__(self):
         self.times: list[float] = []
+        self._t: float | None = None
 
     def on_train_batch_start(self, *args):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, *args):
-        self.times.append(time.perf_counter() - self._t)
+        now = time.perf_counter()
+        if self._t is not None:
+            self.times.append(now - self._t)
+        self._t = now
 
 
 def lightning_loop(module, batch, steps: int, bf16: bool) -> list[float]:
     timer = _Timer()
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=steps + 2,
+        max_steps=steps + 3,  # intervals between batch starts: 2 warm-up + steps
         precision="bf16-mixed" if bf16 else "32-true",
         logger=False,
         enable_checkpointing=False,
@@ -109,7 +113,7 @@ def lightning_loop(module, batch, steps: int, bf16: bool) -> list[float]:
     )
     from torch.utils.data import DataLoader
 
-    loader = DataLoader([batch] * (steps + 2), batch_size=None, collate_fn=lambda b: b)
+    loader = DataLoader([batch] * (steps + 3), batch_size=None, collate_fn=lambda b: b)
     trainer.fit(module, loader)
     return timer.times[2:]
 

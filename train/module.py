@@ -292,7 +292,8 @@ class BrushNetTrainingModule(L.LightningModule):
         if str(self.trainer.precision).startswith("16"):
             return
         grads = [p.grad for p in self.brushnet.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
+        # one reduction and one host sync for all gradients (a NaN/Inf element makes its norm NaN/Inf)
+        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
             self._non_finite("a gradient is NaN/Inf", None)
             for p in self.brushnet.parameters():
                 p.grad = None

@@ -1,8 +1,8 @@
-"""A real single-node Slurm cluster for the tests in this folder.
+"""A real Slurm cluster of two nodes on this host for the tests in this folder.
 
 The session fixture ``slurm_cluster`` runs ``tests/fixtures/local_slurm.sh start`` (installs slurmctld, slurmd
 and munge with apt-get when missing, writes its own config under /var/lib/brushnet-test-slurm, starts the
-daemons) and ``stop`` at the end when it started them. It skips, saying why, when the cluster cannot run
+daemons: one slurmd per node) and ``stop`` at the end when it started them. It skips, saying why, when the cluster cannot run
 here: not Linux, not root, no apt-get, or apt-get failing. There is no accounting daemon: job state comes
 from ``scontrol show job -o``. ``BRUSHNET_KEEP_SLURM=1`` leaves the cluster running after the session;
 ``SLURM_TEST_PYTHON`` gives the jobs another interpreter (default: this one).
@@ -43,8 +43,8 @@ def parse_job_line(line: str) -> dict[str, str]:
 @dataclass
 class SlurmCluster:
     conf: Path
-    node: str
-    cpus: int
+    nodes: list[str]
+    cpus: int  # per node
     jobs: list[str] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -144,9 +144,9 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             pytest.skip(f"local Slurm cluster unavailable: {proc.stderr.strip()[-500:]}")
         assert proc.returncode == 0, f"local_slurm.sh start failed:\n{proc.stdout}\n{proc.stderr}"
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    node = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c"], env=env, capture_output=True, text=True)
-    name, cpus = node.stdout.split()[:2]
-    cluster = SlurmCluster(conf=conf, node=name, cpus=int(cpus))
+    info = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c"], env=env, capture_output=True, text=True)
+    rows = [line.split() for line in info.stdout.splitlines() if line.strip()]
+    cluster = SlurmCluster(conf=conf, nodes=[r[0] for r in rows], cpus=min(int(r[1]) for r in rows))
     try:
         yield cluster
     finally:

@@ -1,4 +1,4 @@
-"""The local Slurm fixture itself: a 2-task job step runs on the node and sees its Slurm environment."""
+"""The local Slurm fixture itself: 2-task job steps on one node and on two nodes see their Slurm environment."""
 
 from __future__ import annotations
 
@@ -22,12 +22,20 @@ def test_parse_job_line_keeps_values_with_spaces():
     }
 
 
-def test_two_task_step_runs_with_slurm_environment(slurm, tmp_path):
-    assert slurm.cpus >= 2
+@pytest.mark.parametrize(
+    ("nodes", "expected"),
+    [
+        (1, ["task 0/2 local 0 node 0", "task 1/2 local 1 node 0"]),
+        (2, ["task 0/2 local 0 node 0", "task 1/2 local 0 node 1"]),
+    ],
+)
+def test_two_task_step_runs_with_slurm_environment(slurm, tmp_path, nodes, expected):
+    assert slurm.cpus >= 2 and len(slurm.nodes) == 2
     out = tmp_path / "out.txt"
     job = slurm.sbatch(
         "--job-name=smoke",
-        "--ntasks-per-node=2",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={2 // nodes}",
         "--cpus-per-task=1",
         "--time=5",
         f"--output={out}",
@@ -38,4 +46,4 @@ def test_two_task_step_runs_with_slurm_environment(slurm, tmp_path):
     assert info["JobState"] == "COMPLETED", info
     assert info["ExitCode"] == "0:0"
     lines = sorted(out.read_text().split("\n"))
-    assert [line for line in lines if line] == ["task 0/2 local 0 node 0", "task 1/2 local 1 node 0"]
+    assert [line for line in lines if line] == expected
