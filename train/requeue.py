@@ -7,7 +7,8 @@ the handler only sets a flag. After the current step, the ranks agree (one signa
 since Slurm may deliver the signal to them at different steps). Then every rank takes part in writing
 ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` atomically, older ``hpc_ckpt_*`` files are removed, rank 0 runs
 ``scontrol requeue <job>``, and the processes exit. The requeued job restarts ``slurm/train.sh``, whose
-``--ckpt_path auto`` resumes from the newest checkpoint: it is the same run, step for step.
+``--ckpt_path auto`` resumes from the newest checkpoint: it is the same run, step for step. A SIGTERM
+(preemption without warning, ``scancel``) saves the same way but does not requeue: Slurm decides that.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from train.callbacks import save_checkpoint_atomically
@@ -52,11 +54,14 @@ class SlurmRequeue(L.Callback):
 
     Active only when Lightning detects Slurm (``SLURM_NTASKS`` set, job not named bash/interactive).
     ``requeue=False`` saves and stops without requeueing (e.g. a job submitted with ``--no-requeue``).
+    ``save_on_sigterm``: a SIGTERM (preemption without a warning signal, ``scancel``) also saves the hpc
+    checkpoint at the end of the current step, within Slurm's KillWait, but never requeues: Slurm decides.
     """
 
-    def __init__(self, signal: str = "SIGUSR1", requeue: bool = True) -> None:
+    def __init__(self, signal: str = "SIGUSR1", requeue: bool = True, save_on_sigterm: bool = True) -> None:
         self.signum = signal_number(signal)
         self.requeue = requeue
+        self.save_on_sigterm = save_on_sigterm
         self.signalled = False
         self._previous_handler = None
         self._active = False
@@ -82,19 +87,28 @@ class SlurmRequeue(L.Callback):
         self.signalled = True  # nothing else here: the main thread may be anywhere in a step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        if not self._active or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+        if not self._active:
+            return
+        # requeue signal / SIGTERM (Lightning's own handler sets received_sigterm) on any rank: one collective
+        terminated = self.save_on_sigterm and trainer.received_sigterm
+        flags = torch.tensor(
+            [self.signalled, terminated], dtype=torch.float32, device=trainer.strategy.root_device
+        )
+        requeue, sigterm = (trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
+        if not (requeue or sigterm):
             return
         root = Path(trainer.default_root_dir)
         older = hpc_checkpoints(root)
         number = int(older[-1].stem[len(HPC_PREFIX) :]) + 1 if older else 1
         path = root / f"{HPC_PREFIX}{number}.ckpt"
-        log.info("%s received: saving step %d to %s", self.signum.name, trainer.global_step, path)
+        why = self.signum.name if requeue else "SIGTERM"
+        log.info("%s received: saving step %d to %s", why, trainer.global_step, path)
         save_checkpoint_atomically(trainer, str(path))
         if not trainer.is_global_zero:
             raise SystemExit(0)
         for old in older:
             old.unlink(missing_ok=True)
-        if not self.requeue:
+        if not (requeue and self.requeue):
             raise SystemExit(0)
         job = slurm_job_id()
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)

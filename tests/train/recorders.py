@@ -15,18 +15,23 @@ class BatchRecorder(L.Callback):
     """Appends ``{"rank", "step", "keys"}`` per training batch to ``<folder>/batches-rank<r>.jsonl``. With
     ``pause_at_step`` the process writes ``<folder>/paused`` when that step starts (so the checkpoint of
     the step before is on disk) and then waits to be killed. With ``signal_at_step`` the process sends itself
-    SIGUSR1 in the middle of that step (after the forward, before the backward)."""
+    ``signal`` in the middle of that step (after the forward, before the backward)."""
 
     def __init__(
-        self, folder: str, pause_at_step: int | None = None, signal_at_step: int | None = None
+        self,
+        folder: str,
+        pause_at_step: int | None = None,
+        signal_at_step: int | None = None,
+        signal: str = "SIGUSR1",
     ) -> None:
         self.folder = Path(folder)
         self.pause_at_step = pause_at_step
         self.signal_at_step = signal_at_step
+        self.signal = signal
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if trainer.global_step == self.signal_at_step:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.Signals[self.signal])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.pause_at_step is not None and trainer.global_step == self.pause_at_step:

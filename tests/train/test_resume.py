@@ -33,11 +33,10 @@ def _env() -> dict[str, str]:
     )
 
 
-def with_recorder(
-    cfg: Path, folder: Path, pause_at_step: int | None = None, signal_at_step: int | None = None
-) -> Path:
+def with_recorder(cfg: Path, folder: Path, pause_at_step: int | None = None, **signal: int | str) -> Path:
+    """``cfg`` + a :class:`BatchRecorder` into ``folder``; ``signal``: its ``signal_at_step``/``signal``."""
     data = yaml.safe_load(cfg.read_text())
-    args = {"folder": str(folder), "pause_at_step": pause_at_step, "signal_at_step": signal_at_step}
+    args = {"folder": str(folder), "pause_at_step": pause_at_step, **signal}
     data["trainer"]["callbacks"].append(
         {"class_path": "tests.train.recorders.BatchRecorder", "init_args": args}
     )
@@ -128,12 +127,14 @@ def test_sigkill_then_resume_is_bit_identical(runs, tmp_path, tiny_base_sd15):
     assert_same_as_full(runs, run, rec)
 
 
-def test_slurm_signal_mid_step_saves_at_the_step_end_requeues_and_resumes_bit_identical(
-    runs, tmp_path, tiny_base_sd15
+@pytest.mark.parametrize(("sig", "requeues"), [("SIGUSR1", True), ("SIGTERM", False)])
+def test_slurm_signal_mid_step_saves_at_the_step_end_and_resumes_bit_identical(
+    runs, tmp_path, tiny_base_sd15, sig, requeues
 ):
-    """SIGUSR1 arrives inside a step (between forward and backward) of a job that Lightning sees as a
-    1-task Slurm job; ``scontrol`` is a recorder on PATH. The requeue checkpoint holds the end of that step,
-    and running the same command again (what the requeued job does) finishes as the uninterrupted run."""
+    """A signal arrives inside a step (between forward and backward) of a job that Lightning sees as a
+    1-task Slurm job; ``scontrol`` is a recorder on PATH. The hpc checkpoint holds the end of that step,
+    SIGUSR1 (the warning signal) requeues the job, SIGTERM (preemption, scancel) leaves that to Slurm, and
+    running the same command again (what the requeued job does) finishes as the uninterrupted run."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol.calls"
@@ -155,14 +156,15 @@ def test_slurm_signal_mid_step_saves_at_the_step_end_requeues_and_resumes_bit_id
         more = (f"--trainer.max_steps={2 * N}", "--ckpt_path=auto")
         return cli_args(tiny_base_sd15, runs.data, run, recorder, *more)
 
-    run_cli(command(with_recorder(runs.config, rec, signal_at_step=N)), env=slurm)
-    assert calls.read_text().split() == ["requeue", "4242"]
+    run_cli(command(with_recorder(runs.config, rec, signal_at_step=N, signal=sig)), env=slurm)
+    requeued = ["requeue", "4242"] if requeues else []
+    assert (calls.read_text().split() if calls.exists() else []) == requeued
     hpc = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
     assert hpc["global_step"] == N + 1  # the end of the step the signal interrupted
     assert [step for step, _ in keys(rec)] == list(range(1, N + 2))  # it stopped right after that step
 
     run_cli(command(with_recorder(runs.config, rec)), env=slurm)  # the requeued job: the same command
-    assert calls.read_text().split() == ["requeue", "4242"]  # no second requeue
+    assert (calls.read_text().split() if calls.exists() else []) == requeued  # no second requeue
     assert_same_as_full(runs, run, rec)
 
 
