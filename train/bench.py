@@ -23,8 +23,8 @@ import lightning as L
 import torch
 
 from brushnet.tiny import build_tiny_base
-from train.callbacks import peak_memory_gb
 from train.module import BrushNetTrainingModule
+from train.monitor import peak_memory_gb
 from train.optim import build_optimizer
 
 SMALL_UNET = dict(

@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         *(["--trainer.accelerator=auto"] if args.base else []),
         *args.extra,
     ]
-    from train.callbacks import ValidationGrids
     from train.cli import main as cli_main
+    from train.validation import ValidationGrids
 
     cli = cli_main(cli_args, run=False)
     trainer = cli.trainer

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from train.callbacks import save_checkpoint_atomically
+from train.checkpointing import save_checkpoint_atomically
 
 log = logging.getLogger(__name__)
 

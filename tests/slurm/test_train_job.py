@@ -41,7 +41,7 @@ def overlay(tmp_path: Path, base: Path, shards: Path, max_steps: int, every: int
             "logger": False,
             "callbacks": [
                 {
-                    "class_path": "train.callbacks.BrushNetCheckpoint",
+                    "class_path": "train.checkpointing.BrushNetCheckpoint",
                     "init_args": {
                         "every_n_train_steps": every,
                         "save_top_k": -1,

@@ -27,7 +27,7 @@ def overlay(path: Path, *, every: int = 2, validate_every: int = 1000, ema: bool
             "log_every_n_steps": 1,
             "callbacks": [
                 {
-                    "class_path": "train.callbacks.BrushNetCheckpoint",
+                    "class_path": "train.checkpointing.BrushNetCheckpoint",
                     "init_args": {
                         "every_n_train_steps": every,
                         "save_top_k": 2,
@@ -37,7 +37,7 @@ def overlay(path: Path, *, every: int = 2, validate_every: int = 1000, ema: bool
                     },
                 },
                 {
-                    "class_path": "train.callbacks.ValidationGrids",
+                    "class_path": "train.validation.ValidationGrids",
                     "init_args": {
                         "every_n_steps": validate_every,
                         "resolution": 32,
@@ -52,7 +52,7 @@ def overlay(path: Path, *, every: int = 2, validate_every: int = 1000, ema: bool
                         ],
                     },
                 },
-                {"class_path": "train.callbacks.TrainingMonitor", "init_args": {"log_every_n_steps": 1}},
+                {"class_path": "train.monitor.TrainingMonitor", "init_args": {"log_every_n_steps": 1}},
             ],
         },
     }

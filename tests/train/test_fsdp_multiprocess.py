@@ -155,7 +155,7 @@ def test_trainer_cli_fsdp_adamw8bit_ema_resumes_bit_identical(tmp_path):
                 "logger": False,
                 "callbacks": [
                     {
-                        "class_path": "train.callbacks.BrushNetCheckpoint",
+                        "class_path": "train.checkpointing.BrushNetCheckpoint",
                         "init_args": {
                             "dirpath": str(root / "ckpt"),
                             "every_n_train_steps": 2,
@@ -163,7 +163,7 @@ def test_trainer_cli_fsdp_adamw8bit_ema_resumes_bit_identical(tmp_path):
                         },
                     },
                     {  # under FSDP2 every rank renders (each forward gathers shards), rank 0 writes
-                        "class_path": "train.callbacks.ValidationGrids",
+                        "class_path": "train.validation.ValidationGrids",
                         "init_args": {
                             "every_n_steps": 2,
                             "resolution": 32,

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from brushnet.model import BrushNetModel
 from tests.train.batches import make_batch
-from train.callbacks import BrushNetCheckpoint
+from train.checkpointing import BrushNetCheckpoint
 from train.conditioning import sdxl_time_ids
 from train.module import BrushNetTrainingModule, NonFiniteLossError, weight_dtype_for
 from train.optim import build_optimizer, lr_lambda
