@@ -1,9 +1,9 @@
 """The real trainer behind slurm/train.sh on the local cluster: 2 CPU tasks (DDP over gloo), tiny random base.
 
 (1) a job runs to completion and leaves checkpoints and an exported branch that loads;
-(2) on 2 nodes x 1 task, SIGUSR1 mid-run (what ``--signal=SIGUSR1@90`` sends before the time limit): ``train.requeue`` saves an
-    hpc checkpoint at the end of the current step and requeues, the job restarts with ``--ckpt_path auto``
-    and ends with the same step and bit-identical branch weights as an uninterrupted run.
+(2) on 2 nodes x 1 task, SIGUSR1 mid-run (what ``--signal=SIGUSR1@90`` sends before the time limit):
+    ``train.requeue`` saves an hpc checkpoint at the end of the current step and requeues, the job restarts
+    with ``--ckpt_path auto`` and ends with the same step and bit-identical weights as an uninterrupted run.
 """
 
 from __future__ import annotations
