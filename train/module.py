@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from brushnet.injection import unet_forward_with_brushnet
 from brushnet.loading import check_branch_matches_unet, load_base_components
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 
 TRAINED_PREFIXES = ("brushnet.", "ema.")  # what a Lightning checkpoint stores of the model
 _PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "fp16": torch.float16}
+
+
+def _local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) tensor; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,7 +66,8 @@ class BrushNetTrainingModule(L.LightningModule):
         noise_offset: offset noise strength (0: off, official).
         ema_decay: keep an EMA of the branch (saved in checkpoints, exported next to the branch); None: off.
         nan_policy: on a NaN/Inf loss or gradient, ``skip`` the optimizer step (and stop after
-            ``max_consecutive_skips``) or ``stop`` at once with an error.
+            ``max_consecutive_skips``) or ``stop`` at once with an error. With gradient accumulation a
+            non-finite micro-batch drops the whole step; under DDP/FSDP all ranks skip (or stop) together.
         seed: seeds the per-step generator (see the module docstring).
     """
 
@@ -127,6 +134,8 @@ class BrushNetTrainingModule(L.LightningModule):
         self.consecutive_skips = 0
         self.skipped_steps = 0
         self._update_skipped = False
+        self._window_done = True  # set after each optimizer step; see training_step
+        self._non_finite_reason: str | None = None  # the first non-finite loss of this window
         self.strict_loading = (
             False  # checkpoints hold only the trained branch (+ EMA); see on_load_checkpoint
         )
@@ -253,52 +262,65 @@ class BrushNetTrainingModule(L.LightningModule):
         weights = torch.clamp(snr, max=gamma)
         return weights / snr if self.prediction_type == "epsilon" else weights / (snr + 1.0)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        # set by _non_finite, read by optimizer_step: the EMA follows only real updates
-        self._update_skipped = False
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self._window_done:  # the first micro-batch of an optimizer step (of an accumulation window)
+            self._window_done = False
+            self._update_skipped = False  # read by optimizer_step and lr_scheduler_step
+            self._non_finite_reason = None
         loss = self.compute_loss(batch, self.step_generator(self._batch_counter()))
         bsz = batch["pixel_values"].shape[0]
         if not torch.isfinite(loss):
-            self._non_finite(f"loss is {loss.item()}", batch)
-            return None  # Lightning skips backward and the optimizer update for this batch
+            keys = list(batch.get("keys", []))[:8]
+            where = f"at step {self.global_step}" + (f" (batch keys {keys})" if keys else "")
+            self._non_finite_reason = self._non_finite_reason or f"loss is {loss.item()} {where}"
+            # The backward still runs: under DDP every rank must reach the gradient all-reduce. The whole
+            # update is then dropped on every rank at once, in on_before_optimizer_step.
+            return loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
         if "num_bad" in batch:
             self.log("train/bad_samples_in_batch", batch["num_bad"].float(), reduce_fx="sum", batch_size=bsz)
         return loss
 
-    def _non_finite(self, what: str, batch: dict | None) -> None:
-        keys = list(batch.get("keys", []))[:8] if batch else []
-        where = f"at step {self.global_step}" + (f" (batch keys {keys})" if keys else "")
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the update of a window that saw a non-finite loss or gradient, on every rank or on none.
+
+        Called once per optimizer step, after the gradients of all accumulated micro-batches are reduced
+        across ranks. The gradients are checked on this rank's (local shard of the) parameters, and one
+        scalar all-reduce makes the verdict the same on every rank (FSDP2 ranks hold different shards).
+        Under ``16-mixed`` the GradScaler skips steps with inf/NaN gradients itself (an overflow is not an
+        error there), so only a non-finite loss counts.
+        """
+        reason = self._non_finite_reason
+        if reason is None and not str(self.trainer.precision).startswith("16"):
+            grads = [_local_tensor(p.grad) for p in self.brushnet.parameters() if p.grad is not None]
+            # one reduction and one host sync for all gradients (a NaN/Inf element makes its norm NaN/Inf)
+            if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+                reason = f"a gradient is NaN/Inf at step {self.global_step}"
+        if self.trainer.world_size > 1:
+            flag = torch.tensor(float(reason is not None), device=self.device)
+            if float(self.trainer.strategy.reduce(flag, reduce_op="sum")) > 0 and reason is None:
+                reason = f"a non-finite loss or gradient on another rank at step {self.global_step}"
+        if reason is None:
+            self.consecutive_skips = 0
+            return
+        for p in self.brushnet.parameters():
+            p.grad = None  # the optimizer leaves parameters without a gradient unchanged
+        self._skip_update(reason)
+
+    def _skip_update(self, what: str) -> None:
         if self.hparams.nan_policy == "stop":
             raise NonFiniteLossError(
-                f"{what} {where}; stopping (nan_policy='stop'). No checkpoint was written "
-                "from the non-finite state."
+                f"{what}; stopping (nan_policy='stop'). No checkpoint was written from the non-finite state."
             )
         self._update_skipped = True
         self.consecutive_skips += 1
         self.skipped_steps += 1
-        log.warning("%s %s: skipping this optimizer step (%d in a row)", what, where, self.consecutive_skips)
+        log.warning("%s: skipping this optimizer step (%d in a row)", what, self.consecutive_skips)
         if self.consecutive_skips > self.hparams.max_consecutive_skips:
             raise NonFiniteLossError(
-                f"{self.consecutive_skips} consecutive non-finite steps (last: {what} {where}), more than "
+                f"{self.consecutive_skips} consecutive non-finite steps (last: {what}), more than "
                 f"max_consecutive_skips={self.hparams.max_consecutive_skips}: stopping"
             )
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop non-finite gradients (the optimizer then leaves those parameters unchanged).
-
-        Under ``16-mixed`` the GradScaler already skips steps with inf/NaN gradients, so nothing to do.
-        """
-        if str(self.trainer.precision).startswith("16"):
-            return
-        grads = [p.grad for p in self.brushnet.parameters() if p.grad is not None]
-        # one reduction and one host sync for all gradients (a NaN/Inf element makes its norm NaN/Inf)
-        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
-            self._non_finite("a gradient is NaN/Inf", None)
-            for p in self.brushnet.parameters():
-                p.grad = None
-            return
-        self.consecutive_skips = 0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
@@ -308,8 +330,8 @@ class BrushNetTrainingModule(L.LightningModule):
 
         Lightning calls this once per optimizer step (after the last accumulated micro-batch), inside the
         training step, so the EMA of step k is in place before any callback's ``on_train_batch_end`` (the
-        checkpoint of step k). A skipped update (non-finite loss of the closure's micro-batch, gradients
-        dropped by ``on_before_optimizer_step``, or inf/NaN gradients found by the ``16-mixed`` GradScaler)
+        checkpoint of step k). A skipped update (a non-finite loss or gradient in any micro-batch of the
+        window, see ``on_before_optimizer_step``, or inf/NaN gradients found by the ``16-mixed`` GradScaler)
         leaves the branch unchanged, and the EMA and the LR schedule too.
         """
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
@@ -319,6 +341,7 @@ class BrushNetTrainingModule(L.LightningModule):
             self._update_skipped = True
         if self.ema is not None and not self._update_skipped:
             self.update_ema()
+        self._window_done = True
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """The LR schedule counts real updates: a skipped optimizer step does not advance it."""

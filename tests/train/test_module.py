@@ -222,23 +222,74 @@ def test_min_snr_weights(sd15_module):
     assert torch.equal(m.snr_weights(t), torch.ones(3))
 
 
-def test_nan_loss_skip_and_stop(sd15_module):
-    m = fresh(sd15_module, nan_policy="skip", max_consecutive_skips=2)
-    batch = make_batch(m.tokenizer)
-    bad = dict(batch, pixel_values=batch["pixel_values"] * float("nan"))
-    m._batch_counter = lambda: 0
-    m.log = lambda *a, **k: None
-    assert m.training_step(bad, 0) is None and m.skipped_steps == 1
-    assert m.training_step(bad, 1) is None
-    with pytest.raises(NonFiniteLossError, match="consecutive"):
-        m.training_step(bad, 2)
-    stop = fresh(sd15_module, nan_policy="stop")
-    stop._batch_counter = lambda: 0
-    with pytest.raises(NonFiniteLossError, match=r"k0"):
-        stop.training_step(bad, 0)
-    assert torch.isfinite(stop.training_step(batch, 0))
+def _fit(
+    m: BrushNetTrainingModule, batches: list[dict], *callbacks: L.Callback, **trainer_kwargs
+) -> L.Trainer:
+    """A CPU Trainer over ``batches`` (one micro-batch each), no logger, no checkpoints."""
+    accumulate = trainer_kwargs.get("accumulate_grad_batches", 1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=len(batches) // accumulate,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(m, train_dataloaders=DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def _poisoned(batch: dict) -> dict:
+    return dict(batch, pixel_values=batch["pixel_values"] * float("nan"))
+
+
+def test_nan_loss_skip_and_stop(tiny_base_sd15):
+    m = BrushNetTrainingModule(str(tiny_base_sd15), nan_policy="skip", max_consecutive_skips=2)
+    initial = [p.detach().clone() for p in m.brushnet.parameters()]
+    bad = _poisoned(make_batch(m.tokenizer))
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps"):
+        _fit(m, [bad] * 4)
+    assert m.skipped_steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(initial, m.brushnet.parameters()))
+
+    stop = BrushNetTrainingModule(str(tiny_base_sd15), nan_policy="stop")
+    good = make_batch(stop.tokenizer, start=5)
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan at step 1 \(batch keys \['k0'.*nan_policy='stop'"
+    ):
+        _fit(stop, [good, bad])
+    assert stop.global_step == 1 and stop.branch_is_finite()
     stop.brushnet.conv_in_condition.weight.data[0, 0, 0, 0] = float("inf")
     assert not stop.branch_is_finite()
+
+
+def test_a_non_finite_micro_batch_drops_its_whole_accumulated_step(tiny_base_sd15):
+    """With accumulation, a NaN micro-batch first or last in its window drops that optimizer step: the
+    branch, the EMA and the LR schedule stay where they were (no update from the remaining micro-batches)."""
+    m = BrushNetTrainingModule(
+        str(tiny_base_sd15), learning_rate=1e-2, ema_decay=0.5, lr_scheduler="constant", lr_warmup_steps=10
+    )
+    initial = [p.detach().clone() for p in m.brushnet.parameters()]
+    good = [make_batch(m.tokenizer, start=i) for i in range(6)]
+    bad = _poisoned(good[0])
+    batches = [good[0], good[1], good[2], bad, bad, good[3], good[4], good[5]]  # windows of 2
+    snaps = _Snapshots()
+    trainer = _fit(m, batches, snaps, accumulate_grad_batches=2)
+    assert m.skipped_steps == 2 and trainer.global_step == 4
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2  # 2 real updates
+
+    def same(i: int, j: int, what: int) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(snaps.seen[i][what], snaps.seen[j][what]))
+
+    ends = [1, 3, 5, 7]  # the micro-batch that closes each window
+    assert all(torch.equal(a, b) for a, b in zip(initial, snaps.seen[0][1]))  # mid-window: no update yet
+    for what in (1, 2):  # live weights, EMA
+        assert not same(0, 1, what)  # window 1 updated them
+        assert same(1, 3, what) and same(3, 5, what)  # windows 2 and 3 (a NaN each) left them alone
+        assert not same(5, 7, what)  # window 4 updated again
+    assert all(torch.isfinite(p).all() for i in ends for p in snaps.seen[i][1])
 
 
 def test_ema_update_and_lr_schedules(sd15_module):

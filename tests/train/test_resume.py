@@ -33,10 +33,10 @@ def _env() -> dict[str, str]:
     )
 
 
-def with_recorder(cfg: Path, folder: Path, pause_at_step: int | None = None, **signal: int | str) -> Path:
-    """``cfg`` + a :class:`BatchRecorder` into ``folder``; ``signal``: its ``signal_at_step``/``signal``."""
+def with_recorder(cfg: Path, folder: Path, pause_at_step: int | None = None, **more: int | str) -> Path:
+    """``cfg`` + a :class:`BatchRecorder` into ``folder``; ``more``: its other arguments."""
     data = yaml.safe_load(cfg.read_text())
-    args = {"folder": str(folder), "pause_at_step": pause_at_step, **signal}
+    args = {"folder": str(folder), "pause_at_step": pause_at_step, **more}
     data["trainer"]["callbacks"].append(
         {"class_path": "tests.train.recorders.BatchRecorder", "init_args": args}
     )
@@ -55,6 +55,12 @@ def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = 
         text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def weights(folder: Path, rank: int) -> dict[int, float]:
+    """The sum of the branch's weights after each step, as BatchRecorder(record_weights=True) wrote it."""
+    rows = [json.loads(line) for line in (folder / f"batches-rank{rank}.jsonl").read_text().splitlines()]
+    return {row["step"]: row["weights"] for row in rows}
 
 
 def keys(folder: Path, rank: int = 0) -> list[tuple[int, list[str]]]:
@@ -168,10 +174,13 @@ def test_slurm_signal_mid_step_saves_at_the_step_end_and_resumes_bit_identical(
     assert_same_as_full(runs, run, rec)
 
 
-def test_ddp_two_cpu_processes(tmp_path, tiny_base_sd15):
+def test_ddp_two_cpu_processes_and_a_nan_on_one_rank(tmp_path, tiny_base_sd15):
+    """2 gloo ranks: equal step counts, distinct samples, a loadable checkpoint. A NaN loss on rank 1 alone
+    at step 3 makes both ranks skip that update together (no hang at the all-reduce, no divergence)."""
     data = tiny_data(tmp_path / "data")
     rec = tmp_path / "rec"
-    cfg = with_recorder(overlay(tmp_path / "o.yaml", every=2, validate_every=2, ema=True), rec)
+    cfg = overlay(tmp_path / "o.yaml", every=2, validate_every=2, ema=True)
+    cfg = with_recorder(cfg, rec, nan_at_step=2, nan_rank=1, record_weights=True)
     run = tmp_path / "run"
     run_cli(
         cli_args(
@@ -190,6 +199,9 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_base_sd15):
     seen0 = {k for _, ks in r0 for k in ks}
     seen1 = {k for _, ks in r1 for k in ks}
     assert not seen0 & seen1 or len(seen0 | seen1) == 12  # ranks read distinct samples within an epoch
+    w0, w1 = weights(rec, 0), weights(rec, 1)
+    assert w0 == w1  # the ranks never diverged
+    assert w0[1] != w0[2] and w0[2] == w0[3] and w0[3] != w0[4]  # step 3 (the NaN) was skipped by both
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4
     exported = BrushNetModel.from_pretrained(run / "export" / "step-00000004" / "brushnet")
