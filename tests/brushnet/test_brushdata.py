@@ -274,7 +274,7 @@ def test_shard_writer_removes_temp_on_error(tmp_path):
 
 
 def test_shard_writer_failing_to_finish_leaves_nothing(tmp_path, monkeypatch):
-    import brushnet.brushdata as bd
+    import brushnet.brushdata.shards as bd
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
