@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from brushnet.model import BrushNetModel
 
 # What a base-model snapshot needs; weights of other formats/variants are skipped when downloading.
 _ALLOW = ["*.json", "*.txt", "*.model", "*.safetensors"]
@@ -178,3 +181,21 @@ def check_branch_matches_unet(branch, unet) -> None:
             f"BrushNet branch ({bcfg.get('_name_or_path') or 'in memory'}) does not fit the base UNet "
             f"({ucfg.get('_name_or_path') or 'in memory'}): " + "; ".join(problems)
         )
+
+
+def load_brushnet(name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> BrushNetModel:
+    """A BrushNet branch from a diffusers folder (``config.json`` + safetensors) or a hub id."""
+    from brushnet.model import BrushNetModel  # imported on use, like diffusers above
+
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~")) or len(path.parts) > 2
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(f"BrushNet folder {str(name_or_path)!r} does not exist or is not a folder")
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"BrushNet folder {str(path)!r} has no config.json: expected a diffusers model folder "
+            "(config.json + diffusion_pytorch_model.safetensors)"
+        )
+    folder = path if looks_local else resolve_pretrained(name_or_path)
+    kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    return BrushNetModel.from_pretrained(folder, use_safetensors=True, **kw)

@@ -28,7 +28,6 @@ import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,13 +37,16 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from brushnet.images import ImageInput, load_inpaint_mask, load_rgb, resize_mask, resize_rgb
 from brushnet.injection import unet_forward_with_brushnet
-from brushnet.loading import check_branch_matches_unet, load_base_components, resolve_pretrained
-from brushnet.masks import blurred_blend, load_user_mask
+from brushnet.loading import (
+    check_branch_matches_unet,
+    load_base_components,
+    load_brushnet,
+)
+from brushnet.masks import blurred_blend
 from brushnet.model import BrushNetModel
 from brushnet.pipeline_xl import encode_prompt_sdxl, sdxl_time_ids, tokenize
-
-ImageInput = str | os.PathLike | PIL.Image.Image | np.ndarray
 
 # Short names accepted by `scheduler=` / `brushnet inpaint --scheduler`; any diffusers scheduler class name
 # (e.g. "HeunDiscreteScheduler") works too.
@@ -82,58 +84,6 @@ def encode_prompt_sd(
 ) -> torch.Tensor:
     """SD 1.5 / 2.x prompt embeddings: the text encoder's last hidden state (B x 77 x d)."""
     return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
-
-
-def load_rgb(image: ImageInput) -> np.ndarray:
-    """An RGB image (file path, PIL image or HxWx3/HxW array) as uint8 HxWx3."""
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"input image {str(path)!r} does not exist")
-        try:
-            with PIL.Image.open(path) as im:
-                return np.asarray(im.convert("RGB")).copy()
-        except PIL.UnidentifiedImageError as e:
-            raise ValueError(f"input image {str(path)!r} is not an image file PIL can read") from e
-    if isinstance(image, PIL.Image.Image):
-        return np.asarray(image.convert("RGB")).copy()
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ValueError(
-            f"an image array must be uint8 HxW, HxWx3 or HxWx4, got dtype {arr.dtype} shape {arr.shape}"
-        )
-    return np.asarray(PIL.Image.fromarray(arr).convert("RGB")).copy()
-
-
-def load_inpaint_mask(mask: ImageInput, size_hw: tuple[int, int]) -> np.ndarray:
-    """The user's mask (white = inpaint) as bool HxW at ``size_hw``.
-
-    A mask of another size with the same aspect ratio (within 1%) is resized (nearest); any other size is
-    an error naming both sizes.
-    """
-    inpaint = load_user_mask(mask)
-    h, w = size_hw
-    if inpaint.shape == (h, w):
-        return inpaint
-    mh, mw = inpaint.shape
-    if abs(mw / mh - w / h) > 0.01 * (w / h):
-        raise ValueError(
-            f"mask size {mw}x{mh} (WxH) does not match the image size {w}x{h} and has another aspect ratio"
-        )
-    return _resize_mask(inpaint, size_hw)
-
-
-def _resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    if mask.shape == tuple(size_hw):
-        return mask
-    resized = PIL.Image.fromarray(mask.astype(np.uint8) * 255).resize(size_hw[::-1], PIL.Image.NEAREST)
-    return np.asarray(resized) >= 128
-
-
-def _resize_rgb(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    if rgb.shape[:2] == tuple(size_hw):
-        return rgb
-    return np.asarray(PIL.Image.fromarray(rgb).resize(size_hw[::-1], PIL.Image.BICUBIC))
 
 
 def guidance_keep(step: int, num_steps: int, start: float, end: float) -> float:
@@ -352,8 +302,8 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
             raise ValueError(
                 f"processing size {proc_hw[1]}x{proc_hw[0]} (WxH) must be positive multiples of {f}"
             )
-        proc_rgb = _resize_rgb(rgb, proc_hw)
-        proc_inpaint = _resize_mask(inpaint, proc_hw)
+        proc_rgb = resize_rgb(rgb, proc_hw)
+        proc_inpaint = resize_mask(inpaint, proc_hw)
         keep = ~proc_inpaint
         masked_rgb = proc_rgb * keep[..., None].astype(np.uint8)  # hole black (-1 after normalising)
 
@@ -427,7 +377,7 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
         if output_type == "latent":
             images: Any = latents
         else:
-            images = [_resize_rgb(g, full_hw) for g in self._decode(latents)]
+            images = [resize_rgb(g, full_hw) for g in self._decode(latents)]
             if blend:
                 images = [blurred_blend(rgb, g, inpaint, blur_size=blur_size) for g in images]
             images = np.stack(images) if output_type == "np" else [PIL.Image.fromarray(g) for g in images]
@@ -471,19 +421,3 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
 
 def _all_zero(scale: float | list[float]) -> bool:
     return scale == 0.0 if isinstance(scale, float) else all(s == 0.0 for s in scale)
-
-
-def load_brushnet(name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> BrushNetModel:
-    """A BrushNet branch from a diffusers folder (``config.json`` + safetensors) or a hub id."""
-    path = Path(name_or_path).expanduser()
-    looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~")) or len(path.parts) > 2
-    if looks_local and not path.is_dir():
-        raise FileNotFoundError(f"BrushNet folder {str(name_or_path)!r} does not exist or is not a folder")
-    if looks_local and not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"BrushNet folder {str(path)!r} has no config.json: expected a diffusers model folder "
-            "(config.json + diffusion_pytorch_model.safetensors)"
-        )
-    folder = path if looks_local else resolve_pretrained(name_or_path)
-    kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    return BrushNetModel.from_pretrained(folder, use_safetensors=True, **kw)

@@ -111,7 +111,7 @@ class BrushNetTrainingModule(L.LightningModule):
         for frozen in self.frozen_models():
             frozen.requires_grad_(False)
         if brushnet_model_name_or_path:
-            from brushnet.pipeline import load_brushnet
+            from brushnet.loading import load_brushnet
 
             branch = load_brushnet(brushnet_model_name_or_path, torch_dtype=torch.float32)
             check_branch_matches_unet(branch, self.unet)
