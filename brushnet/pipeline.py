@@ -39,11 +39,7 @@ from diffusers.utils import BaseOutput
 
 from brushnet.images import ImageInput, load_inpaint_mask, load_rgb, resize_mask, resize_rgb
 from brushnet.injection import unet_forward_with_brushnet
-from brushnet.loading import (
-    check_branch_matches_unet,
-    load_base_components,
-    load_brushnet,
-)
+from brushnet.loading import check_branch_matches_unet, load_base_components, load_brushnet
 from brushnet.masks import blurred_blend
 from brushnet.model import BrushNetModel
 from brushnet.pipeline_xl import encode_prompt_sdxl, sdxl_time_ids, tokenize

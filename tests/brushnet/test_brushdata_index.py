@@ -19,7 +19,7 @@ from brushnet.brushdata import (
     verify_index,
     write_index,
 )
-from tests.brushnet.brushdata_samples import write_shard
+from tests.brushnet.brushdata_builders import write_shard
 
 
 def test_index_round_trip_relative_and_movable(tmp_path):

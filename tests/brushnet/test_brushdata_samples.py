@@ -19,7 +19,7 @@ from brushnet.brushdata import (
     decode_sample,
     encode_sample,
 )
-from tests.brushnet.brushdata_samples import make_sample, masks, photo
+from tests.brushnet.brushdata_builders import make_sample, masks, photo
 
 
 @pytest.mark.parametrize("meta", [None, {"source": "laion", "score": 0.5, "tags": ["a", "b"]}])

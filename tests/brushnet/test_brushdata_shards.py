@@ -19,7 +19,7 @@ from brushnet.brushdata import (
     read_sample,
     scan_shard,
 )
-from tests.brushnet.brushdata_samples import jpeg, make_sample, photo, write_shard
+from tests.brushnet.brushdata_builders import jpeg, make_sample, photo, write_shard
 
 
 def test_shard_writer_layout_offsets_and_reads(tmp_path):
