@@ -46,7 +46,7 @@ format: install
 # `make demo BASE=<hub id or folder>` trains the same way on a real base model.
 BASE ?=
 demo: install
-	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python -m train.demo $(if $(BASE),--base $(BASE))
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python -m train.tools.demo $(if $(BASE),--base $(BASE))
 
 # `make data`: the embedded default builds a small real BrushData set offline (loopback HTTP server);
 # `make data CONFIG=configs/data/laion_aesthetic_6plus.yaml METADATA=...` runs the real thing.

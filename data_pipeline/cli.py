@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "bench":
-            from data_pipeline.bench import run_bench
+            from data_pipeline.tools.bench import run_bench
 
             return run_bench(args.out, images=args.images, urls=args.urls, sam_encoder=args.sam_encoder)
         if args.command == "demo":
-            from data_pipeline.demo import run_demo
+            from data_pipeline.tools.demo import run_demo
 
             return run_demo(args.out or Path("data/demo"), config=args.config, labeler=args.labeler)
         cfg = _config(args)

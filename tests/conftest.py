@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from brushnet.tiny import build_tiny_base
+from brushnet.testing.tiny import build_tiny_base
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -65,7 +65,7 @@ def tiny_transformers_clip(folder: Path, seed: int = 0) -> Path:
     """A transformers CLIP folder (model, tokenizer, image processor) loadable by CLIPModel/CLIPProcessor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from brushnet.tiny import write_clip_tokenizer
+    from brushnet.testing.tiny import write_clip_tokenizer
 
     vocab = write_clip_tokenizer(folder)
     torch.manual_seed(seed)

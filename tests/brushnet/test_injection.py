@@ -7,7 +7,7 @@ import torch
 
 from brushnet import BrushNetModel, unet_forward_with_brushnet
 from brushnet.injection import residual_targets
-from brushnet.tiny import tiny_unet
+from brushnet.testing.tiny import tiny_unet
 from tests.brushnet.test_model import _count_forward_calls, _inputs, _randomise_zero_convs
 
 KINDS = ["sd15", "sd2", "sdxl"]

@@ -15,7 +15,7 @@ from brushnet.loading import (
     load_base_components,
     resolve_pretrained,
 )
-from brushnet.tiny import tiny_unet
+from brushnet.testing.tiny import tiny_unet
 
 
 def test_loads_sd15_folder(tiny_base_sd15):

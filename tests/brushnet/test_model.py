@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from brushnet import BrushNetModel
-from brushnet.tiny import tiny_unet, tiny_unet_config
+from brushnet.testing.tiny import tiny_unet, tiny_unet_config
 from tests.conftest import FIXTURES
 
 OFFICIAL = FIXTURES / "official"

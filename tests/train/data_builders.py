@@ -12,7 +12,7 @@ import numpy as np
 
 from brushnet.brushdata import BrushDataSample, ShardWriter, encode_sample
 from brushnet.masks import brushdata_rle_encode
-from brushnet.tiny import write_clip_tokenizer
+from brushnet.testing.tiny import write_clip_tokenizer
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat")
 CAPTIONS = ("an astronaut", "a cup of coffee", "a cat", "a rocket", "cells", "a tabby cat")

@@ -10,7 +10,7 @@ import torch
 
 from tests.train.data_builders import object_masks, tokenizer_folder, write_shards
 from train.data import BrushDataModule
-from train.shards import expand_sources
+from train.data.shards import expand_sources
 
 RES = 32
 

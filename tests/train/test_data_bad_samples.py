@@ -72,7 +72,7 @@ def test_each_bad_kind_is_skipped_and_counted(tmp_path, tok, caplog):
         max_bad_fraction=1.0,
         morph_prob=0.0,
     )
-    with caplog.at_level(logging.WARNING, logger="train.datasets"):
+    with caplog.at_level(logging.WARNING, logger="train.data.datasets"):
         batches = list(dm.train_dataloader_for(0, 1))
     assert len(batches) == len(dm.table) == 15
     keys = [k for b in batches for k in b["keys"]]
@@ -135,7 +135,7 @@ def test_truncated_shard_without_index_is_left_out(tmp_path, tok, caplog):
     dm = BrushDataModule(
         train_shards=str(tmp_path / "*.tar"), tokenizer=tok, resolution=RES, batch_size=1, num_workers=0
     )
-    with caplog.at_level(logging.WARNING, logger="train.shards"):
+    with caplog.at_level(logging.WARNING, logger="train.data.shards"):
         dm.prepare_data()
         dm.setup()
     assert dm.table.shard_paths == [str(good.resolve())] and dm.num_samples == 3

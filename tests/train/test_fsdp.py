@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from brushnet.injection import unet_forward_with_brushnet
 from brushnet.model import BrushNetModel
-from brushnet.tiny import tiny_unet
+from brushnet.testing.tiny import tiny_unet
 from train.fsdp import apply_fsdp2, export_branch, is_sharded
 from train.optim_sharded import ShardedAdamW8bit, make_sharded_adamw8bit
 

@@ -1,6 +1,6 @@
 """Real 2-process Lightning runs (CPU, gloo) with FSDP2: fit, sharded resume, export, 8-bit AdamW.
 
-Each run is ``python -m train.bench_fsdp run ...`` in a subprocess; Lightning launches the second rank.
+Each run is ``python -m train.tools.bench_fsdp run ...`` in a subprocess; Lightning launches the second rank.
 The data of step k on rank r is generated from (k, r), so runs with different strategies, optimizers or
 a resume see identical batches.
 """
@@ -18,7 +18,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from brushnet.model import BrushNetModel
-from train.bench_fsdp import SyntheticBrushNetModule
+from train.tools.bench_fsdp import SyntheticBrushNetModule
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _launch(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "train.bench_fsdp", "run", "--out", str(out), *args]
+    cmd = [sys.executable, "-m", "train.tools.bench_fsdp", "run", "--out", str(out), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -138,7 +138,7 @@ def test_trainer_cli_fsdp_adamw8bit_ema_resumes_bit_identical(tmp_path):
     checkpoints without the frozen base, export on every checkpoint, exact resume of the branch."""
     import yaml
 
-    from brushnet.tiny import build_tiny_base
+    from brushnet.testing.tiny import build_tiny_base
     from tests.train.data_builders import write_shards
 
     base = build_tiny_base(tmp_path / "base", kind="sd15")

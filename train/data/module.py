@@ -33,10 +33,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from brushnet.brushdata import BrushDataError
-from train.datasets import IndexedBrushDataset, StreamBrushDataset, collate_examples
-from train.sampler import ResumableDistributedSampler
-from train.shards import SampleTable, ensure_index, expand_sources, is_local
-from train.transforms import AugmentConfig, CaptionTokenizers
+from train.data.datasets import IndexedBrushDataset, StreamBrushDataset, collate_examples
+from train.data.sampler import ResumableDistributedSampler
+from train.data.shards import SampleTable, ensure_index, expand_sources, is_local
+from train.data.transforms import AugmentConfig, CaptionTokenizers
 
 log = logging.getLogger(__name__)
 

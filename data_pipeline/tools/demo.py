@@ -18,7 +18,7 @@ from data_pipeline.http_server import serve_folder
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "data" / "demo.yaml"
 
 # (skimage.data name, caption): real photographs shipped with scikit-image (no download needed).
 PHOTOS = [

@@ -1,8 +1,8 @@
 """FSDP2 runs and benchmarks for BrushNet: a real multi-process Lightning run on synthetic latents.
 
-    python -m train.bench_fsdp run --strategy fsdp --optimizer adamw8bit --steps 4 --ckpt-every 2 --out DIR
-    python -m train.bench_fsdp memory            # per-rank bytes: DDP vs FSDP2, AdamW vs AdamW8bit, SD1.5 branch
-    python -m train.bench_fsdp speed             # step time FSDP2 / DDP on the small config (2 CPU processes)
+    python -m train.tools.bench_fsdp run --strategy fsdp --optimizer adamw8bit --steps 4 --ckpt-every 2 --out DIR
+    python -m train.tools.bench_fsdp memory            # per-rank bytes: DDP vs FSDP2, AdamW vs AdamW8bit, SD1.5 branch
+    python -m train.tools.bench_fsdp speed             # step time FSDP2 / DDP on the small config (2 CPU processes)
 
 ``run`` trains :class:`SyntheticBrushNetModule` (the real model library: a frozen diffusers UNet, a
 trainable ``BrushNetModel.from_unet`` branch, ``unet_forward_with_brushnet``) on latents generated from
@@ -27,7 +27,7 @@ from torch import nn
 
 from brushnet.injection import unet_forward_with_brushnet
 from brushnet.model import BrushNetModel
-from brushnet.tiny import tiny_unet_config
+from brushnet.testing.tiny import tiny_unet_config
 from train.fsdp import FSDP2Strategy, export_branch, is_sharded
 
 # The "small" config of the step-time benchmark: 3 levels, 16x16 latents (128 px images).
@@ -323,7 +323,7 @@ def speed(args: argparse.Namespace) -> None:
         cmd = [
             sys.executable,
             "-m",
-            "train.bench_fsdp",
+            "train.tools.bench_fsdp",
             "run",
             "--strategy",
             strategy,

@@ -1,6 +1,6 @@
 """Loader throughput on CPU: indexed (seek into tars) vs stream (webdataset) mode.
 
-    python -m train.bench_data --samples 128 --workers 2 --resolution 512
+    python -m train.tools.bench_data --samples 128 --workers 2 --resolution 512
 
 Builds a temporary BrushData set from ``skimage.data`` photographs (640x480 JPEGs, 3 object masks each) and a
 tiny tokenizer, then times one epoch of each mode after the workers started (first batch excluded)."""
@@ -17,7 +17,7 @@ import numpy as np
 
 from brushnet.brushdata import BrushDataSample, ShardWriter
 from brushnet.masks import brushdata_rle_encode
-from brushnet.tiny import write_clip_tokenizer
+from brushnet.testing.tiny import write_clip_tokenizer
 from train.data import BrushDataModule
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "cat")

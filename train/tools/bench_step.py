@@ -1,6 +1,6 @@
 """Step-time / peak-memory benchmark of the training step (a script, not a test).
 
-    python -m train.bench [--configs tiny small] [--steps 10] [--out bench.json]
+    python -m train.tools.bench_step [--configs tiny small] [--steps 10] [--out bench.json]
 
 For each model size (``tiny``: the test base, 32 px; ``small``: a 3-level UNet, 128 px), fp32 vs bf16
 autocast, AdamW vs AdamW8bit, gradient checkpointing off/on: median seconds per optimizer step of a bare
@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from brushnet.tiny import build_tiny_base
+from brushnet.testing.tiny import build_tiny_base
 from train.module import BrushNetTrainingModule
 from train.monitor import peak_memory_gb
 from train.optim import build_optimizer

@@ -1,7 +1,7 @@
 """The two BrushData datasets behind :class:`train.data.BrushDataModule` and their collate function.
 
 * :class:`IndexedBrushDataset` (map-style, exact): seeks each sample inside its tar through the byte offsets
-  of a :class:`~train.shards.SampleTable`; combined with :class:`~train.sampler.ResumableDistributedSampler`
+  of a :class:`~train.data.shards.SampleTable`; combined with :class:`~train.data.sampler.ResumableDistributedSampler`
   it gives a global shuffle, equal ranks and an exact resume.
 * :class:`StreamBrushDataset` (iterable, not exact): webdataset's resampled shards + a shuffle buffer, for
   ``pipe:``/URL sources without random access.
@@ -25,9 +25,9 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from brushnet.brushdata import decode_sample
-from train.sampler import SampleRef
-from train.shards import MEMBERS, SampleTable
-from train.transforms import AugmentConfig, CaptionTokenizers, make_example
+from train.data.sampler import SampleRef
+from train.data.shards import MEMBERS, SampleTable
+from train.data.transforms import AugmentConfig, CaptionTokenizers, make_example
 
 log = logging.getLogger(__name__)
 

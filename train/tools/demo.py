@@ -1,6 +1,6 @@
 """``make demo``: the whole training path offline on CPU in a few minutes.
 
-1. a tiny random base model with the real CLIP BPE vocabulary (``brushnet.tiny.build_tiny_base``), or the
+1. a tiny random base model with the real CLIP BPE vocabulary (``brushnet.testing.tiny.build_tiny_base``), or the
    base given with ``--base`` (``make demo BASE=<hub id or folder>``);
 2. a small BrushData set of real photographs from ``skimage.data``: through the data pipeline's own CLI
    (``python -m data_pipeline demo``) when it is installed, else written here with classical masks;
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("train.demo")
+log = logging.getLogger("train.tools.demo")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 PHOTOS = {
     "astronaut": "an astronaut in a white suit",
@@ -140,7 +140,7 @@ def build_data(out: Path, timeout_s: float = 240.0) -> list[str]:
 def build_base(out: Path, base: str | None) -> str:
     if base:
         return base
-    from brushnet.tiny import build_tiny_base
+    from brushnet.testing.tiny import build_tiny_base
 
     folder = out / "base"
     if not (folder / "model_index.json").is_file():

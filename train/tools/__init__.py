@@ -1,0 +1,1 @@
+"""Tooling around the trainer (not imported by a training run): benchmarks and the demo."""
