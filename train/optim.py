@@ -33,7 +33,7 @@ def build_optimizer(
         raise ValueError(f"unknown optimizer {name!r}; expected one of {list(OPTIMIZERS)}")
     kwargs = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
     if name == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs, **adamw_implementation(params))
     from train.fsdp import is_sharded
 
     if is_sharded(params):
@@ -45,11 +45,31 @@ def build_optimizer(
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"optimizer {name!r} needs bitsandbytes (pip install bitsandbytes)") from e
     on_cuda = any(p.is_cuda for p in params)
+    if not on_cuda:
+        log.warning(
+            "%s on CPU is a memory option, not a speed one: bitsandbytes' CPU kernels step slower than fused "
+            "AdamW (SD1.5 branch: ~11 s vs 0.35 s per step), for 75%% less optimizer state",
+            name,
+        )
     if name == "paged_adamw8bit" and on_cuda:
         return bnb.optim.PagedAdamW8bit(params, **kwargs)
     if name == "paged_adamw8bit":
         log.info("paged_adamw8bit: parameters are not on a GPU, using AdamW8bit (no paging on CPU)")
     return bnb.optim.AdamW8bit(params, **kwargs)
+
+
+def adamw_implementation(params: list[torch.nn.Parameter | dict]) -> dict[str, bool]:
+    """``fused=True`` when every parameter is a plain floating tensor on CPU or CUDA (torch's fused kernels:
+    one kernel per dtype/device group; measured 0.35 s vs 2.3 s per step of the SD1.5 branch on 2 CPU
+    cores), ``foreach=True`` otherwise (other devices, FSDP2's DTensor shards)."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    fused = bool(tensors) and all(
+        t.device.type in ("cpu", "cuda") and t.is_floating_point() and not isinstance(t, DTensor)
+        for t in tensors
+    )
+    return {"fused": True} if fused else {"foreach": True}
 
 
 def lr_lambda(
