@@ -13,18 +13,27 @@ load here unchanged and ours load in the official pipeline.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.unets.unet_2d_blocks import DownBlock2D, UpBlock2D
 from torch import nn
 
+from brushnet.branch_blocks import MidBlock2D, build_blocks, walk_down, walk_mid, walk_up
+
 Residuals = tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]
+
+# Ablation switches (issue "the paper's ablations"): not in the official config. At these defaults they are
+# left out of config.json, so a default branch folder stays exactly the official format.
+ABLATION_DEFAULTS = {"injection": "full", "condition_encoder": "vae"}
+INJECTIONS = ("full", "half", "controlnet")
+CONDITION_ENCODERS = ("vae", "conv")
+__all__ = ["ABLATION_DEFAULTS", "BrushNetModel", "MidBlock2D", "Residuals"]
 
 
 def _zero_conv(channels: int) -> nn.Conv2d:
@@ -34,41 +43,26 @@ def _zero_conv(channels: int) -> nn.Conv2d:
     return conv
 
 
-class MidBlock2D(nn.Module):
-    """Two resnets and no attention: the official branch's ``MidBlock2D`` (keys ``resnets.{0,1}``)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        temb_channels: int,
-        resnet_eps: float,
-        resnet_act_fn: str,
-        resnet_groups: int,
-        output_scale_factor: float,
-        resnet_time_scale_shift: str,
-    ):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels=in_channels,
-                out_channels=in_channels,
-                temb_channels=temb_channels,
-                eps=resnet_eps,
-                groups=resnet_groups,
-                time_embedding_norm=resnet_time_scale_shift,
-                non_linearity=resnet_act_fn,
-                output_scale_factor=output_scale_factor,
-            )
-            for _ in range(2)
-        )
-
-
 class BrushNetModel(ModelMixin, ConfigMixin):
     """The BrushNet branch. Build it with :meth:`from_unet` or load it with ``from_pretrained``.
 
     Unused-by-the-branch fields (``cross_attention_dim``, ``attention_head_dim``,
     ``transformer_layers_per_block`` ...) are kept so the config equals the official one and records
     which base UNet the branch was cloned from.
+
+    Ablation switches (defaults = BrushNet; see the README's "Ablations"):
+
+    * ``injection``: ``full`` adds a residual to every layer of the UNet (encoder, mid, decoder); ``half``
+      copies only the encoder and mid block and adds their residuals layer by layer to the UNet's
+      encoder and mid block (the decoder gets none); ``controlnet`` copies the same half but adds its
+      residuals where ControlNet does: to the skip connections the decoder reads and to the mid block's
+      output (the UNet's own ``down_block_additional_residuals``). ``half``/``controlnet`` branches have no
+      ``up_blocks`` (absent, not zero).
+    * ``condition_encoder``: ``vae`` reads ``[masked-image latents, mask]`` concatenated with the noisy
+      latent; ``conv`` reads the pixel-space ``[masked image, mask]`` (4 channels) through ControlNet's
+      randomly initialised conv embedding (zero-initialised output) added after ``conv_in``.
+    * attention: ``down/mid/up_block_types`` with cross-attention blocks (``from_unet(...,
+      branch_cross_attention=True)``) keep the UNet's attention layers; the branch then reads the text.
     """
 
     _supports_gradient_checkpointing = True
@@ -109,93 +103,66 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         conditioning_embedding_out_channels: tuple[int, ...] | None = (16, 32, 96, 256),
         global_pool_conditions: bool = False,
         addition_embed_type_num_heads: int = 64,
+        injection: str = "full",
+        condition_encoder: str = "vae",
     ):
         super().__init__()
         self._check_supported(down_block_types, up_block_types, mid_block_type, block_out_channels)
-        groups = norm_num_groups if norm_num_groups is not None else 32
+        if injection not in INJECTIONS or condition_encoder not in CONDITION_ENCODERS:
+            raise ValueError(
+                f"injection must be one of {INJECTIONS} and condition_encoder one of {CONDITION_ENCODERS}, "
+                f"got {injection!r} / {condition_encoder!r}"
+            )
         c0 = block_out_channels[0]
         time_embed_dim = c0 * 4
 
         # Module creation order follows the official class so state-dict key order matches too.
-        self.conv_in_condition = nn.Conv2d(in_channels + conditioning_channels, c0, kernel_size=3, padding=1)
+        if condition_encoder == "vae":
+            self.conv_in_condition = nn.Conv2d(
+                in_channels + conditioning_channels, c0, kernel_size=3, padding=1
+            )
+        else:
+            self.conv_in_condition = nn.Conv2d(in_channels, c0, kernel_size=3, padding=1)
+            self.conditioning_embedding = ControlNetConditioningEmbedding(
+                c0, conditioning_channels, tuple(conditioning_embedding_out_channels)
+            )
         self.time_proj = Timesteps(c0, flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(c0, time_embed_dim, act_fn=act_fn)
         if addition_embed_type == "text_time":
             self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
             self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
 
-        self.down_blocks = nn.ModuleList()
-        self.brushnet_down_blocks = nn.ModuleList([_zero_conv(c0)])
-        out_ch = c0
-        for i, ch in enumerate(block_out_channels):
-            in_ch, out_ch = out_ch, ch
-            is_final = i == len(block_out_channels) - 1
-            self.down_blocks.append(
-                DownBlock2D(
-                    in_channels=in_ch,
-                    out_channels=out_ch,
-                    temb_channels=time_embed_dim,
-                    num_layers=layers_per_block,
-                    resnet_eps=norm_eps,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=groups,
-                    resnet_time_scale_shift=resnet_time_scale_shift,
-                    add_downsample=not is_final,
-                    downsample_padding=downsample_padding,
-                )
-            )
-            n_outputs = layers_per_block + (0 if is_final else 1)
-            self.brushnet_down_blocks.extend(_zero_conv(out_ch) for _ in range(n_outputs))
-
-        mid_ch = block_out_channels[-1]
-        self.brushnet_mid_block = _zero_conv(mid_ch)
-        self.mid_block = MidBlock2D(
-            in_channels=mid_ch,
-            temb_channels=time_embed_dim,
-            resnet_eps=norm_eps,
-            resnet_act_fn=act_fn,
-            resnet_groups=groups,
-            output_scale_factor=mid_block_scale_factor,
-            resnet_time_scale_shift=resnet_time_scale_shift,
+        self.down_blocks, mid_block, up_blocks = build_blocks(
+            self.config, time_embed_dim, injection == "full"
         )
-
-        rev = list(reversed(block_out_channels))
-        self.up_blocks = nn.ModuleList()
+        self.brushnet_down_blocks = nn.ModuleList([_zero_conv(c0)])
+        for i, ch in enumerate(block_out_channels):
+            n_outputs = layers_per_block + (0 if i == len(block_out_channels) - 1 else 1)
+            self.brushnet_down_blocks.extend(_zero_conv(ch) for _ in range(n_outputs))
+        self.brushnet_mid_block = _zero_conv(block_out_channels[-1])
+        self.mid_block = mid_block
+        self.up_blocks = up_blocks
         self.brushnet_up_blocks = nn.ModuleList()
-        out_ch = rev[0]
-        for i in range(len(rev)):
-            is_final = i == len(rev) - 1
-            prev_ch, out_ch = out_ch, rev[i]
-            in_ch = rev[min(i + 1, len(rev) - 1)]
-            self.up_blocks.append(
-                UpBlock2D(
-                    in_channels=in_ch,
-                    prev_output_channel=prev_ch,
-                    out_channels=out_ch,
-                    temb_channels=time_embed_dim,
-                    resolution_idx=i,
-                    num_layers=layers_per_block + 1,
-                    resnet_eps=norm_eps,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=groups,
-                    resnet_time_scale_shift=resnet_time_scale_shift,
-                    add_upsample=not is_final,
-                )
-            )
-            n_outputs = layers_per_block + 1 + (0 if is_final else 1)
-            self.brushnet_up_blocks.extend(_zero_conv(out_ch) for _ in range(n_outputs))
+        for i, ch in enumerate(reversed(block_out_channels) if injection == "full" else []):
+            n_outputs = layers_per_block + 1 + (0 if i == len(block_out_channels) - 1 else 1)
+            self.brushnet_up_blocks.extend(_zero_conv(ch) for _ in range(n_outputs))
 
         self.gradient_checkpointing = False
 
     @staticmethod
     def _check_supported(down_types, up_types, mid_type, block_out_channels) -> None:
-        if any(t != "DownBlock2D" for t in down_types) or any(t != "UpBlock2D" for t in up_types):
+        down_ok = {"DownBlock2D", "CrossAttnDownBlock2D"}
+        up_ok = {"UpBlock2D", "CrossAttnUpBlock2D"}
+        if not set(down_types) <= down_ok or not set(up_types) <= up_ok:
             raise ValueError(
-                "BrushNetModel has no attention: down_block_types must all be 'DownBlock2D' and "
-                f"up_block_types all 'UpBlock2D', got {list(down_types)} / {list(up_types)}"
+                f"BrushNetModel supports down_block_types {sorted(down_ok)} and up_block_types "
+                f"{sorted(up_ok)}, got {list(down_types)} / {list(up_types)}"
             )
-        if mid_type != "MidBlock2D":
-            raise ValueError(f"mid_block_type must be 'MidBlock2D' (official config), got {mid_type!r}")
+        if mid_type not in ("MidBlock2D", "UNetMidBlock2DCrossAttn"):
+            raise ValueError(
+                f"mid_block_type must be 'MidBlock2D' (official config) or 'UNetMidBlock2DCrossAttn', "
+                f"got {mid_type!r}"
+            )
         if not (len(down_types) == len(up_types) == len(block_out_channels)):
             raise ValueError(
                 f"down_block_types ({len(down_types)}), up_block_types ({len(up_types)}) and "
@@ -209,7 +176,11 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         brushnet_conditioning_channel_order: str = "rgb",
         conditioning_embedding_out_channels: tuple[int, ...] | None = (16, 32, 96, 256),
         load_weights_from_unet: bool = True,
-        conditioning_channels: int = 5,
+        conditioning_channels: int | None = None,
+        injection: str = "full",
+        condition_encoder: str = "vae",
+        branch_cross_attention: bool = False,
+        vae_scale_factor: int = 8,
     ) -> BrushNetModel:
         """Clone a branch from a diffusers ``UNet2DConditionModel`` (SD 1.5, SD 2.x, SDXL).
 
@@ -217,6 +188,11 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         latents) with a zero mask channel; its bias is an independent copy (the official code aliases
         the frozen UNet's bias, which therefore never trains). Resnets, samplers and time embeddings are
         copied; for SDXL the ``add_embedding`` is copied too (the official code leaves it random).
+
+        Ablations (see the class docstring): ``injection``, ``condition_encoder`` (``conv``: the conv
+        embedding downsamples by ``vae_scale_factor``, taking that many of
+        ``conditioning_embedding_out_channels``; ``conditioning_channels`` defaults to 5 for ``vae`` and 4
+        for ``conv``), ``branch_cross_attention`` (keep the UNet's attention blocks).
         """
         cfg = unet.config
         unsupported = {
@@ -229,14 +205,22 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         if unsupported:
             raise ValueError(f"BrushNetModel.from_unet does not support UNet config fields {unsupported}")
         n = len(cfg.down_block_types)
+        if conditioning_channels is None:
+            conditioning_channels = 5 if condition_encoder == "vae" else 4
+        if condition_encoder == "conv":
+            n_embed = vae_scale_factor.bit_length()  # 8 -> 4 stages: three stride-2 convs (ControlNet)
+            conditioning_embedding_out_channels = tuple(conditioning_embedding_out_channels)[:n_embed]
+        attention = branch_cross_attention
         branch = cls(
+            injection=injection,
+            condition_encoder=condition_encoder,
             in_channels=cfg.in_channels,
             conditioning_channels=conditioning_channels,
             flip_sin_to_cos=cfg.flip_sin_to_cos,
             freq_shift=cfg.freq_shift,
-            down_block_types=["DownBlock2D"] * n,
-            mid_block_type="MidBlock2D",
-            up_block_types=["UpBlock2D"] * n,
+            down_block_types=list(cfg.down_block_types) if attention else ["DownBlock2D"] * n,
+            mid_block_type=cfg.mid_block_type if attention else "MidBlock2D",
+            up_block_types=list(cfg.up_block_types) if attention else ["UpBlock2D"] * n,
             only_cross_attention=cfg.only_cross_attention,
             block_out_channels=cfg.block_out_channels,
             layers_per_block=cfg.layers_per_block,
@@ -271,7 +255,8 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         latent = unet.config.in_channels
         w = torch.zeros_like(self.conv_in_condition.weight)
         w[:, :latent] = unet.conv_in.weight
-        w[:, latent : 2 * latent] = unet.conv_in.weight
+        if self.config.condition_encoder == "vae":
+            w[:, latent : 2 * latent] = unet.conv_in.weight
         self.conv_in_condition.weight.copy_(w)
         self.conv_in_condition.bias.copy_(unet.conv_in.bias)
         self.time_embedding.load_state_dict(unet.time_embedding.state_dict())
@@ -279,7 +264,7 @@ class BrushNetModel(ModelMixin, ConfigMixin):
             self.add_embedding.load_state_dict(unet.add_embedding.state_dict())
         # The branch's blocks are the UNet's blocks minus attention: every branch key must exist in
         # the UNet with the same shape (no silent strict=False).
-        for name in ("down_blocks", "mid_block", "up_blocks"):
+        for name in ("down_blocks", "mid_block") + (("up_blocks",) if len(self.up_blocks) else ()):
             ours, theirs = getattr(self, name), getattr(unet, name).state_dict()
             for key, tensor in ours.state_dict().items():
                 if key not in theirs or theirs[key].shape != tensor.shape:
@@ -288,6 +273,18 @@ class BrushNetModel(ModelMixin, ConfigMixin):
                         f"cannot clone {name}.{key} {tuple(tensor.shape)} from the UNet (found {found})"
                     )
                 tensor.copy_(theirs[key])
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return any(getattr(b, "has_cross_attention", False) for b in (*self.down_blocks, self.mid_block))
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it, without the ablation switches that are at their defaults."""
+        config = json.loads(super().to_json_string())
+        for key, default in ABLATION_DEFAULTS.items():
+            if config.get(key) == default:
+                config.pop(key)
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @property
     def num_residuals(self) -> tuple[int, int, int]:
@@ -327,36 +324,33 @@ class BrushNetModel(ModelMixin, ConfigMixin):
     ) -> Residuals | dict[str, Any]:
         """Per-layer residuals ``(down list, mid, up list)`` for the frozen UNet, each times its scale.
 
-        ``brushnet_cond`` is ``cat([masked_image_latents, mask], 1)`` with mask 1 = keep.
-        ``encoder_hidden_states`` is accepted for API parity; the branch has no cross-attention.
+        ``brushnet_cond`` is ``cat([masked_image_latents, mask], 1)`` with mask 1 = keep (``condition_encoder=
+        "conv"``: ``cat([masked image in [-1, 1], mask], 1)`` at pixel size, see
+        :func:`brushnet.injection.branch_condition`). ``encoder_hidden_states`` is read only by a branch
+        with cross-attention (the default branch has none).
         """
         if self.config.brushnet_conditioning_channel_order == "bgr":
             brushnet_cond = torch.flip(brushnet_cond, dims=[1])
         emb = self._time_embedding(sample, timestep, added_cond_kwargs)
+        text = encoder_hidden_states if self.has_cross_attention else None
 
-        h = self.conv_in_condition(torch.cat([sample, brushnet_cond], dim=1))
+        if self.config.condition_encoder == "vae":
+            h = self.conv_in_condition(torch.cat([sample, brushnet_cond], dim=1))
+        else:
+            h = self.conv_in_condition(sample) + self.conditioning_embedding(brushnet_cond.to(sample.dtype))
         skips = [h]
         for block in self.down_blocks:
-            for resnet in block.resnets:
-                h = self._run(resnet, h, emb)
-                skips.append(h)
-            if block.downsamplers is not None:
-                h = block.downsamplers[0](h)
-                skips.append(h)
+            h, outs = walk_down(block, h, emb, text, self._run)
+            skips += outs
         down = [conv(s) for conv, s in zip(self.brushnet_down_blocks, skips)]
 
-        for resnet in self.mid_block.resnets:
-            h = self._run(resnet, h, emb)
+        h = walk_mid(self.mid_block, h, emb, text, self._run)
         mid = self.brushnet_mid_block(h)
 
         up_feats = []
         for block in self.up_blocks:
-            for resnet in block.resnets:
-                h = self._run(resnet, torch.cat([h, skips.pop()], dim=1), emb)
-                up_feats.append(h)
-            if block.upsamplers is not None:
-                h = block.upsamplers[0](h, skips[-1].shape[2:])
-                up_feats.append(h)
+            h, outs = walk_up(block, h, skips, emb, text, self._run)
+            up_feats += outs
         up = [conv(f) for conv, f in zip(self.brushnet_up_blocks, up_feats)]
 
         scales = self._scales(conditioning_scale, guess_mode, sample.device)
