@@ -27,6 +27,7 @@ from brushnet.loading import check_branch_matches_unet, load_base_components
 from brushnet.model import BrushNetModel
 from train.conditioning import text_conditioning
 from train.optim import OptimizerName, ScheduleName, build_optimizer, build_scheduler
+from train.precision import warn_if_emulated_bf16
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ class BrushNetTrainingModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.weight_dtype = weight_dtype_for(self.trainer.precision if self._trainer is not None else None)
+        if self._trainer is not None:
+            warn_if_emulated_bf16(self.trainer.precision, self.trainer.strategy.root_device)
         for frozen in self.frozen_models():
             frozen.to(dtype=self.weight_dtype)
         if self.hparams.gradient_checkpointing:
