@@ -8,10 +8,9 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from brushnet.brushdata.samples import BrushDataError, BrushDataSample, encode_sample
-
-_BLOCK = 512  # tar block size
 
 
 class ShardWriter:
@@ -74,30 +73,13 @@ class SampleRecord:
     members: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def _octal(field_bytes: bytes) -> int:
-    if field_bytes and field_bytes[0] & 0x80:  # GNU base-256 for large numbers
-        return int.from_bytes(field_bytes[1:], "big")
-    text = field_bytes.rstrip(b"\0 ").strip()
-    return int(text, 8) if text else 0
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        if length <= space - pos:
-            raise ValueError(f"bad pax record length {length}")
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
-
-
-def _header_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    return f"{prefix}/{name}" if header[257:262] == b"ustar" and prefix else name
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_EXTENDED = {
+    tarfile.XHDTYPE: "pax",
+    tarfile.XGLTYPE: "pax",
+    tarfile.GNUTYPE_LONGNAME: "GNU long-name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long-name",
+}
 
 
 def _split_name(name: str) -> tuple[str, str] | None:
@@ -109,27 +91,55 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), suffix
 
 
+def _truncated_member(name: str, data_offset: int, size: int, file_size: int) -> str:
+    return (
+        f"truncated tar: member {name!r} needs bytes {data_offset}..{data_offset + size} but the file has "
+        f"{file_size}"
+    )
+
+
+def _stop_reason(f: BinaryIO, offset: int, file_size: int) -> tuple[str, str] | None:
+    """Why tarfile stopped at the header at ``offset`` (after the first header it ends quietly on a bad one):
+    None at the end-of-archive block, else ``(key, reason)``. Extended headers (pax, GNU long name) are
+    followed to the header they describe, so the reason names the block that is actually broken."""
+    start, refused = offset, "tar"
+    while True:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE:
+            return "?", (
+                f"truncated tar: ends inside or before a header at byte {offset} (no end-of-archive marker)"
+            )
+        if block == tarfile.NUL * tarfile.BLOCKSIZE:
+            if offset == start:
+                return None
+            break  # extended header(s) that describe no member
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            return "?", f"corrupt tar header at byte {offset} (bad checksum or number field)"
+        data_offset = offset + tarfile.BLOCKSIZE
+        if data_offset + info.size > file_size:
+            split = _split_name(info.name)
+            reason = _truncated_member(info.name, data_offset, info.size, file_size)
+            return (split[0] if split else info.name), reason
+        if info.type not in _EXTENDED:
+            break  # a sound member header: what tarfile refused is the extended header at `start`
+        if offset == start:
+            refused = _EXTENDED[info.type]
+        offset = data_offset + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return "?", f"corrupt {refused} header at byte {start}"
+
+
 def scan_shard(path: str | os.PathLike) -> list[SampleRecord]:
     """Every sample of a shard with the byte offset and size of each member's data inside the (uncompressed)
-    tar, read from the headers only. A truncated or corrupt tar raises BrushDataError naming the shard and
-    the last complete sample; members with a repeated key or suffix raise too."""
+    tar (tarfile's ``offset_data``; headers only). A truncated or corrupt tar raises BrushDataError naming the
+    shard and the last complete sample; members with a repeated key or suffix raise too."""
     path = os.fspath(path)
-    records: list[SampleRecord] = []
     file_size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    for prefix, kind in (
-        (b"\x1f\x8b", "gzip"),
-        (b"BZh", "bzip2"),
-        (b"\xfd7zXZ", "xz"),
-        (b"\x28\xb5\x2f\xfd", "zstd"),
-    ):
-        if magic.startswith(prefix):
-            raise BrushDataError(
-                path,
-                "?",
-                f"shard is {kind}-compressed: byte offsets need an uncompressed tar (decompress it)",
-            )
+    records: list[SampleRecord] = []
+    current: SampleRecord | None = None
+    seen: set[str] = set()
 
     def fail(key: str, reason: str) -> BrushDataError:
         # A sample is known complete once a member of another key follows it; `key` is "?" when the
@@ -141,58 +151,38 @@ def scan_shard(path: str | os.PathLike) -> list[SampleRecord]:
             where += f"; the last member read belongs to {current.key!r}"
         return BrushDataError(path, key, f"{reason} ({where})")
 
-    current: SampleRecord | None = None
-    seen: set[str] = set()
-    pending: dict[str, str] = {}  # pax / GNU long-name overrides for the next member
+    # tarfile reads pax paths and GNU long names; wids' tar index (webdataset) skips them, so keys would differ.
     with open(path, "rb") as f:
-        offset = 0
+        try:
+            tar = tarfile.TarFile(fileobj=f, encoding="utf-8", errors="surrogateescape")  # uncompressed
+        except tarfile.ReadError:  # the first header is unreadable
+            f.seek(0)
+            magic = f.read(6)
+            for prefix, kind in _COMPRESSED.items():
+                if magic.startswith(prefix):
+                    reason = (
+                        f"shard is {kind}-compressed: byte offsets need an uncompressed tar (decompress it)"
+                    )
+                    raise BrushDataError(path, "?", reason) from None
+            raise fail(*(_stop_reason(f, 0, file_size) or ("?", "not a tar file"))) from None
         while True:
-            header = f.read(_BLOCK)
-            if len(header) < _BLOCK:
-                raise fail(
-                    "?",
-                    f"truncated tar: ends inside or before a header at byte {offset} (no end-of-archive marker)",
-                )
-            if header == b"\0" * _BLOCK:
-                break
             try:
-                checksum_ok = _octal(header[148:156]) == sum(header[:148]) + 8 * 32 + sum(header[156:])
-                size = _octal(header[124:136])
-                kind = header[156:157]
-                extended = kind in (b"x", b"L", b"g")
-                if not extended and "size" in pending:
-                    size = int(pending["size"])
-            except ValueError:
-                checksum_ok = False
-            if not checksum_ok:
-                raise fail("?", f"corrupt tar header at byte {offset} (bad checksum or number field)")
-            data_offset = offset + _BLOCK
-            offset = data_offset + -(-size // _BLOCK) * _BLOCK
-            if data_offset + size > file_size:
-                name = pending.get("path") or _header_name(header)
-                split = _split_name(name)
+                member = tar.next()
+            except tarfile.ReadError as e:  # a broken extended header; tar.offset is still its start
+                raise fail(*(_stop_reason(f, tar.offset, file_size) or ("?", str(e)))) from None
+            if member is None:
+                stop = _stop_reason(f, tar.offset, file_size)
+                if stop is not None:
+                    raise fail(*stop)
+                break
+            if member.offset_data + member.size > file_size:
+                split = _split_name(member.name)
                 raise fail(
-                    split[0] if split else name,
-                    f"truncated tar: member {name!r} needs bytes {data_offset}..{data_offset + size} but the "
-                    f"file has {file_size}",
+                    split[0] if split else member.name,
+                    _truncated_member(member.name, member.offset_data, member.size, file_size),
                 )
-            if extended:
-                payload = f.read(size)
-                f.seek(offset)
-                if kind == b"x":
-                    try:
-                        pending.update(_pax_records(payload))
-                    except ValueError:
-                        raise fail("?", f"corrupt pax header at byte {data_offset - _BLOCK}") from None
-                elif kind == b"L":
-                    pending["path"] = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
-                continue
-            f.seek(offset)
-            name = pending.pop("path", None)
-            pending.clear()
-            if kind not in (b"0", b"\0", b"7"):  # folders, links and the like hold no member
-                continue
-            split = _split_name(name if name is not None else _header_name(header))
+            tar.members.clear()  # tarfile keeps every TarInfo it reads; the records are all we need
+            split = _split_name(member.name) if member.isreg() else None  # folders, links: no member
             if split is None:
                 continue
             key, suffix = split
@@ -205,7 +195,7 @@ def scan_shard(path: str | os.PathLike) -> list[SampleRecord]:
                 seen.add(key)
             if suffix in current.members:
                 raise fail(key, f"member {key}.{suffix} appears twice")
-            current.members[suffix] = (data_offset, size)
+            current.members[suffix] = (member.offset_data, member.size)
     if current is not None:
         records.append(current)
     return records

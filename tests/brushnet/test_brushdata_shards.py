@@ -243,3 +243,28 @@ def test_read_sample_of_a_shard_truncated_after_scanning(tmp_path):
     with pytest.raises(BrushDataError, match="truncated tar: member 'caption'") as info:
         read_sample(path, records[1])
     assert info.value.key == "k2"
+
+
+def test_broken_header_after_a_pax_header_is_named_not_the_pax_header(tmp_path):
+    long_key = "k" * 120  # longer than ustar's 100-byte name: a pax header carries the path
+    payloads = [("a.image", b"1" * 600), (f"{long_key}.image", b"2" * 700), ("z.image", b"3")]
+    spans = _foreign_tar(tmp_path / "p.tar", payloads, tarfile.PAX_FORMAT)
+    data = (tmp_path / "p.tar").read_bytes()
+    member_header = spans[f"{long_key}.image"][0] - 512  # the pax header and its records come before it
+    pax_header = member_header - 1024
+    assert data[pax_header + 156 : pax_header + 157] == tarfile.XHDTYPE
+    corrupt = bytearray(data)
+    corrupt[member_header + 10] ^= 0x01
+    (tmp_path / "c.tar").write_bytes(bytes(corrupt))
+    with pytest.raises(BrushDataError, match=rf"corrupt tar header at byte {member_header} \(bad checksum"):
+        scan_shard(tmp_path / "c.tar")
+    (tmp_path / "t.tar").write_bytes(data[: pax_header + 600])  # inside the pax records
+    with pytest.raises(
+        BrushDataError, match=r"member '\./\./@PaxHeader' needs .*\(last complete sample: 'a'\)"
+    ):
+        scan_shard(tmp_path / "t.tar")
+    corrupt = bytearray(data)
+    corrupt[pax_header + 512 : pax_header + 515] = b"0 x"  # a zero-length pax record
+    (tmp_path / "r.tar").write_bytes(bytes(corrupt))
+    with pytest.raises(BrushDataError, match=rf"corrupt pax header at byte {pax_header}"):
+        scan_shard(tmp_path / "r.tar")
