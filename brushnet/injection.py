@@ -13,6 +13,11 @@ Positions (official TencentARC/BrushNet ``unet_2d_condition.py`` / ``unet_2d_blo
   downsampler, before the value is stored as a skip;
 * ``mid``: after the mid block;
 * ``up``: per up block, after every resnet (+ attention) and after the upsampler.
+
+Ablations (``BrushNetModel.config.injection``): ``half`` adds the down and mid residuals as above and no
+up residuals; ``controlnet`` hands them to the UNet's own ControlNet inputs
+(``down_block_additional_residuals``: added to the skip connections the decoder reads, not to the encoder's
+forward path; ``mid_block_additional_residual``: added to the mid block's output).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -79,9 +85,12 @@ def brushnet_residuals(
     down_block_add_samples: Sequence[torch.Tensor],
     mid_block_add_sample: torch.Tensor,
     up_block_add_samples: Sequence[torch.Tensor],
+    injection: str = "full",
 ) -> Iterator[nn.Module]:
-    """Within the ``with`` block, every call of ``unet`` adds the given residuals at their layers."""
+    """Within the ``with`` block, every call of ``unet`` adds the given residuals at their layers
+    (``injection="half"``: no up residuals)."""
     down_t, mid_t, up_t = residual_targets(unet)
+    up_t = up_t if injection == "full" else []
     if len(down_block_add_samples) != len(down_t) or len(up_block_add_samples) != len(up_t):
         raise ValueError(
             f"this UNet takes {len(down_t)} down and {len(up_t)} up residuals, got "
@@ -110,10 +119,27 @@ def unet_forward_with_brushnet(
     mid_block_add_sample: torch.Tensor,
     up_block_add_samples: Sequence[torch.Tensor],
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    injection: str = "full",
     **unet_kwargs: Any,
 ) -> torch.Tensor:
-    """The stock UNet's prediction with BrushNet residuals added at every layer."""
-    with brushnet_residuals(unet, down_block_add_samples, mid_block_add_sample, up_block_add_samples):
+    """The stock UNet's prediction with BrushNet residuals added at every layer (``injection``: the
+    branch's ``config.injection``, see the module docstring)."""
+    if injection == "controlnet":
+        if len(up_block_add_samples):
+            raise ValueError("a controlnet-injection branch has no up residuals")
+        return unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added_cond_kwargs,
+            down_block_additional_residuals=list(down_block_add_samples),
+            mid_block_additional_residual=mid_block_add_sample,
+            return_dict=False,
+            **unet_kwargs,
+        )[0]
+    with brushnet_residuals(
+        unet, down_block_add_samples, mid_block_add_sample, up_block_add_samples, injection
+    ):
         return unet(
             sample,
             timestep,
@@ -122,3 +148,19 @@ def unet_forward_with_brushnet(
             return_dict=False,
             **unet_kwargs,
         )[0]
+
+
+def branch_condition(
+    branch: nn.Module, masked_latents: torch.Tensor, masked_pixels: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """The branch's ``brushnet_cond`` for its ``condition_encoder``.
+
+    ``masked_latents``: VAE latents of the masked image (times ``scaling_factor``); ``masked_pixels``: the
+    masked image in [-1, 1]; ``keep``: the mask at pixel size, 1 = keep. ``vae`` (BrushNet): the latents and
+    the mask resized to latent size (nearest, as the official training script); ``conv`` (ablation): the
+    pixel-space masked image and mask.
+    """
+    keep = keep.to(masked_latents.dtype)
+    if getattr(branch.config, "condition_encoder", "vae") == "conv":
+        return torch.cat([masked_pixels.to(masked_latents.dtype), keep], dim=1)
+    return torch.cat([masked_latents, F.interpolate(keep, size=masked_latents.shape[-2:])], dim=1)
