@@ -163,6 +163,7 @@ class BrushNetSD3Model(ModelMixin, ConfigMixin):
             qk_norm=cfg.get("qk_norm"),
             base_num_layers=cfg.num_layers,
             branch_text=branch_text,
+            mask_channels=1,
         )
         if load_weights_from_transformer:
             branch._copy_weights_from(transformer)
