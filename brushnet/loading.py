@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 _ALLOW = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
 
-class BaseModelError(RuntimeError):
-    """A base model (or one of its components) could not be found or loaded."""
+class BaseModelError(OSError):
+    """A base model (or one of its components) could not be found or loaded (an ``OSError``, as
+    ``from_pretrained``'s own errors)."""
 
 
 class BranchMismatchError(ValueError):

@@ -37,12 +37,18 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from brushnet.conditioning import (
+    CaptionTokenizers,
+    check_sdxl_unet_fits,
+    prompt_conditioning,
+    sdxl_time_ids,
+)
+from brushnet.guidance import all_zero, branch_residuals, guidance_keep, step_scale
 from brushnet.images import ImageInput, load_inpaint_mask, load_rgb, resize_mask, resize_rgb
 from brushnet.injection import unet_forward_with_brushnet
 from brushnet.loading import check_branch_matches_unet, load_base_components, load_brushnet
 from brushnet.masks import blurred_blend
 from brushnet.model import BrushNetModel
-from brushnet.pipeline_xl import encode_prompt_sdxl, sdxl_time_ids, tokenize
 
 # Short names accepted by `scheduler=` / `brushnet inpaint --scheduler`; any diffusers scheduler class name
 # (e.g. "HeunDiscreteScheduler") works too.
@@ -75,18 +81,6 @@ def _scheduler_class(name: str) -> type[SchedulerMixin]:
     return cls
 
 
-def encode_prompt_sd(
-    tokenizer, text_encoder, prompts: Sequence[str], device: torch.device | str
-) -> torch.Tensor:
-    """SD 1.5 / 2.x prompt embeddings: the text encoder's last hidden state (B x 77 x d)."""
-    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
-
-
-def guidance_keep(step: int, num_steps: int, start: float, end: float) -> float:
-    """1.0 where the branch is active at ``step`` of ``num_steps``, else 0.0 (ControlNet pipelines' rule)."""
-    return 1.0 - float(step / num_steps < start or (step + 1) / num_steps > end)
-
-
 @dataclass
 class BrushNetInpaintOutput(BaseOutput):
     """``images``: list of PIL images, uint8 N x H x W x 3 array (``output_type="np"``) or latents."""
@@ -97,7 +91,9 @@ class BrushNetInpaintOutput(BaseOutput):
 class BrushNetInpaintPipeline(DiffusionPipeline):
     """Inpainting with a BrushNet branch: SD 1.5 / SD 2.x (no ``text_encoder_2``) or SDXL bases.
 
-    Build it with :meth:`from_base`, or with ``from_pretrained`` on a folder written by ``save_pretrained``.
+    Build it from a base model and a branch with :meth:`from_base` (or, as in diffusers' ControlNet
+    pipelines, ``from_pretrained(base, brushnet=branch)``: the same method), or with ``from_pretrained`` on
+    a folder written by ``save_pretrained``.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->brushnet->unet->vae"
@@ -140,6 +136,16 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
         return self.text_encoder_2 is not None
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """A saved pipeline folder (diffusers' ``from_pretrained``); with ``brushnet=`` a thin alias of
+        :meth:`from_base` (keywords ``scheduler``, ``torch_dtype``, ``variant``, ``vae``)."""
+        if "brushnet" not in kwargs:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if args:
+            raise TypeError("from_pretrained(base, brushnet=...) takes keyword arguments only")
+        return cls.from_base(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
     def from_base(
         cls,
         base: str | os.PathLike,
@@ -177,29 +183,7 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
             force_zeros_for_empty_prompt=force_zeros,
         )
 
-    # ---- conditioning -------------------------------------------------------------------------------
-
-    def _encode_prompts(
-        self, prompts: list[str], negative: list[str] | None, cfg: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(prompt_embeds, pooled)`` with the negative half first when ``cfg``; pooled is SDXL only."""
-        device = self._execution_device
-        if not self.is_sdxl:
-            texts = (negative or [""] * len(prompts)) + prompts if cfg else prompts
-            embeds = encode_prompt_sd(self.tokenizer, self.text_encoder, texts, device)
-            return embeds.to(self.unet.dtype), None
-        encoders = (self.text_encoder, self.text_encoder_2)
-        tokenizers = (self.tokenizer, self.tokenizer_2)
-        embeds, pooled = encode_prompt_sdxl(tokenizers, encoders, prompts, device)
-        if cfg:
-            if negative is None and self.config.force_zeros_for_empty_prompt:
-                neg_embeds, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-            else:
-                neg_embeds, neg_pooled = encode_prompt_sdxl(
-                    tokenizers, encoders, negative or [""] * len(prompts), device
-                )
-            embeds, pooled = torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
-        return embeds.to(self.unet.dtype), pooled.to(self.unet.dtype)
+    # ---- latents ----------------------------------------------------------------------------------
 
     @contextmanager
     def _vae_precision(self):
@@ -307,21 +291,28 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
         dtype = self.unet.dtype
         batch = len(prompts) * num_images_per_prompt
         cfg = guidance_scale > 1.0
-        embeds, pooled = self._encode_prompts(prompts, negatives, cfg)
-        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
-
-        added_cond = None
+        time_ids = None
         if self.is_sdxl:
-            pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
+            check_sdxl_unet_fits(self.unet, self.text_encoder_2)
             time_ids = sdxl_time_ids(
-                self.unet,
-                self.text_encoder_2,
-                tuple(original_size or proc_hw),
-                tuple(crops_coords_top_left),
+                torch.tensor([original_size or proc_hw]),
+                torch.tensor([crops_coords_top_left]),
                 tuple(target_size or proc_hw),
-                dtype,
-            ).to(device)
-            added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(pooled.shape[0], 1)}
+            )
+        text = prompt_conditioning(
+            CaptionTokenizers(self.tokenizer, self.tokenizer_2),
+            self.text_encoder,
+            self.text_encoder_2,
+            prompts,
+            negatives,
+            guidance=cfg,
+            zeros_for_empty_negative=self.config.force_zeros_for_empty_prompt,
+            time_ids=time_ids,
+            repeats=num_images_per_prompt,
+            device=device,
+            dtype=dtype,
+        )
+        embeds, added_cond = text.encoder_hidden_states, text.added_cond_kwargs
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -348,13 +339,23 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
             model_in = torch.cat([latents] * 2) if cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             keep_i = guidance_keep(i, len(timesteps), control_guidance_start, control_guidance_end)
-            scale = self._step_scale(brushnet_conditioning_scale, keep_i)
-            if _all_zero(scale):
+            scale = step_scale(brushnet_conditioning_scale, keep_i)
+            if all_zero(scale):
                 noise_pred = self.unet(
                     model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond, return_dict=False
                 )[0]
             else:
-                down, mid, up = self._branch(model_in, t, embeds, cond, scale, added_cond, cfg, guess_mode)
+                down, mid, up = branch_residuals(
+                    self.brushnet,
+                    model_in,
+                    t,
+                    embeds,
+                    cond,
+                    scale,
+                    added_cond,
+                    cfg=cfg,
+                    guess_mode=guess_mode,
+                )
                 noise_pred = unet_forward_with_brushnet(
                     self.unet,
                     model_in,
@@ -379,41 +380,3 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
             images = np.stack(images) if output_type == "np" else [PIL.Image.fromarray(g) for g in images]
         self.maybe_free_model_hooks()
         return BrushNetInpaintOutput(images=images) if return_dict else (images,)
-
-    @staticmethod
-    def _step_scale(scale: float | Sequence[float], keep: float) -> float | list[float]:
-        if isinstance(scale, (int, float)):
-            return float(scale) * keep
-        return [float(s) * keep for s in scale]
-
-    def _branch(self, model_in, t, embeds, cond, scale, added_cond, cfg: bool, guess_mode: bool):
-        """The branch's residuals for the (CFG-doubled) batch; guess mode runs it on the text half only."""
-        if guess_mode and cfg:
-            sample, embeds = model_in.chunk(2)[1], embeds.chunk(2)[1]
-            if added_cond is not None:
-                added_cond = {k: v.chunk(2)[1] for k, v in added_cond.items()}
-        else:
-            sample = model_in
-            cond = torch.cat([cond] * 2) if cfg else cond
-        bdtype = self.brushnet.dtype
-        if added_cond is not None:
-            added_cond = {k: v.to(bdtype) for k, v in added_cond.items()}
-        down, mid, up = self.brushnet(
-            sample.to(bdtype),
-            t,
-            encoder_hidden_states=embeds.to(bdtype),
-            brushnet_cond=cond,
-            conditioning_scale=scale,
-            added_cond_kwargs=added_cond,
-            guess_mode=guess_mode,
-            return_dict=False,
-        )
-        if guess_mode and cfg:  # the unconditional half gets no residual (official)
-            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
-            up = [torch.cat([torch.zeros_like(u), u]) for u in up]
-        return down, mid, up
-
-
-def _all_zero(scale: float | list[float]) -> bool:
-    return scale == 0.0 if isinstance(scale, float) else all(s == 0.0 for s in scale)

@@ -4,9 +4,10 @@
 Every ``every_n_steps`` optimizer steps, global rank 0 inpaints a small fixed subset of a benchmark folder
 (the first ``num_images`` entries of its ``mapping_file.json``) with the current branch, scores it with every
 available metric and logs the means as ``eval/<metric>`` to all of the trainer's loggers. The pipeline is
-built from the LightningModule by ``pipeline_factory`` (default: attributes ``unet``, ``vae``,
-``text_encoder``, ``tokenizer``, ``brushnet``, ``noise_scheduler`` and, for SDXL, ``text_encoder_2`` /
-``tokenizer_2``; the EMA branch ``ema`` when present and ``use_ema``). Sharded strategies (FSDP) need a factory that returns a pipeline usable on rank 0 alone.
+built from the LightningModule by ``pipeline_factory`` (default: the module's
+``inference_pipeline(use_ema=..., scheduler=...)``, see
+:meth:`train.module.BrushNetTrainingModule.inference_pipeline`). Sharded strategies (FSDP) need a factory
+that returns a pipeline usable on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -21,33 +22,6 @@ import lightning as L
 from brushnet.evaluation.benchmark import DEFAULT_SEED, GenerationSettings, load_mapping
 from brushnet.evaluation.evaluate import Evaluator, evaluate_subset
 from brushnet.evaluation.scorers import ModelPaths, load_model_paths
-
-
-def pipeline_from_module(module: Any, scheduler: str = "unipc", use_ema: bool = True):
-    """A :class:`brushnet.pipeline.BrushNetInpaintPipeline` sharing the module's (training) components.
-
-    With ``use_ema`` the module's EMA branch (attribute ``ema``) is evaluated when it has one.
-    """
-    from brushnet.pipeline import BrushNetInpaintPipeline, make_scheduler
-
-    needed = ("unet", "vae", "text_encoder", "tokenizer", "brushnet", "noise_scheduler")
-    missing = [n for n in needed if getattr(module, n, None) is None]
-    if missing:
-        raise AttributeError(
-            f"{type(module).__name__} has no {missing}; pass pipeline_factory= to BenchmarkEvalCallback"
-        )
-    pipe = BrushNetInpaintPipeline(
-        vae=module.vae,
-        text_encoder=module.text_encoder,
-        tokenizer=module.tokenizer,
-        unet=module.unet,
-        brushnet=module.ema if use_ema and getattr(module, "ema", None) is not None else module.brushnet,
-        scheduler=make_scheduler(scheduler, module.noise_scheduler.config),
-        text_encoder_2=getattr(module, "text_encoder_2", None),
-        tokenizer_2=getattr(module, "tokenizer_2", None),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 class BenchmarkEvalCallback(L.Callback):
@@ -86,7 +60,9 @@ class BenchmarkEvalCallback(L.Callback):
             guidance=guidance,
             seed=seed,
         )
-        self.pipeline_factory = pipeline_factory or (lambda m: pipeline_from_module(m, scheduler, use_ema))
+        self.pipeline_factory = pipeline_factory or (
+            lambda m: _module_pipeline(m, use_ema=use_ema, scheduler=scheduler)
+        )
         self._evaluator: Evaluator | None = None
         self._last_step = -1
         self.last_metrics: dict[str, float] = {}
@@ -122,3 +98,11 @@ class BenchmarkEvalCallback(L.Callback):
             if branch is not None and was_training:
                 branch.train()
         return {f"eval/{k}": v for k, v in result.metrics.items()}
+
+
+def _module_pipeline(module: Any, **kwargs: Any):
+    if not hasattr(module, "inference_pipeline"):
+        raise AttributeError(
+            f"{type(module).__name__} has no inference_pipeline(); pass pipeline_factory= to BenchmarkEvalCallback"
+        )
+    return module.inference_pipeline(**kwargs)

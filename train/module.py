@@ -14,34 +14,33 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from brushnet.injection import unet_forward_with_brushnet
+from brushnet.conditioning import check_sdxl_unet_fits, sdxl_time_ids, text_conditioning
+from brushnet.injection import branch_condition, unet_forward_with_brushnet
 from brushnet.loading import check_branch_matches_unet, load_base_components
 from brushnet.model import BrushNetModel
-from train.conditioning import text_conditioning
+from brushnet.single_branch import inpainting_unet_from, single_branch_input
+from train.nonfinite import NanPolicy, NonFiniteLossError, NonFiniteSteps
 from train.optim import OptimizerName, ScheduleName, build_optimizer, build_scheduler
 from train.precision import warn_if_emulated_bf16
+
+if TYPE_CHECKING:
+    from brushnet.pipeline import BrushNetInpaintPipeline
+
+__all__ = ["BrushNetTrainingModule", "NonFiniteLossError", "weight_dtype_for"]
 
 log = logging.getLogger(__name__)
 
 TRAINED_PREFIXES = ("brushnet.", "ema.")  # what a Lightning checkpoint stores of the model
+Injection = Literal["full", "half", "controlnet"]
+ConditionEncoder = Literal["vae", "conv"]
 _PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "fp16": torch.float16}
-
-
-def _local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 (DTensor) tensor; a plain tensor as it is."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or the gradients) became NaN/Inf and ``nan_policy="stop"``."""
 
 
 def weight_dtype_for(precision: str | int | None) -> torch.dtype:
@@ -67,9 +66,13 @@ class BrushNetTrainingModule(L.LightningModule):
         noise_offset: offset noise strength (0: off, official).
         ema_decay: keep an EMA of the branch (saved in checkpoints, exported next to the branch); None: off.
         nan_policy: on a NaN/Inf loss or gradient, ``skip`` the optimizer step (and stop after
-            ``max_consecutive_skips``) or ``stop`` at once with an error. With gradient accumulation a
-            non-finite micro-batch drops the whole step; under DDP/FSDP all ranks skip (or stop) together.
+            ``max_consecutive_skips``) or ``stop`` at once with an error; the whole policy is
+            :class:`train.nonfinite.NonFiniteSteps`.
         seed: seeds the per-step generator (see the module docstring).
+        injection / condition_encoder / branch_cross_attention: the paper's ablations for a new branch
+            (:class:`brushnet.model.BrushNetModel`; defaults = BrushNet); a loaded branch keeps its own.
+        single_branch: the "dual vs single branch" baseline (:mod:`brushnet.single_branch`): no branch; a
+            9-channel copy of the UNet is fine-tuned instead (held, trained and exported as ``brushnet``).
     """
 
     def __init__(
@@ -92,13 +95,16 @@ class BrushNetTrainingModule(L.LightningModule):
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         ema_decay: float | None = None,
-        nan_policy: Literal["skip", "stop"] = "skip",
+        nan_policy: NanPolicy = "skip",
         max_consecutive_skips: int = 20,
         seed: int = 0,
+        injection: Injection = "full",
+        condition_encoder: ConditionEncoder = "vae",
+        branch_cross_attention: bool = False,
+        single_branch: bool = False,
     ) -> None:
         super().__init__()
-        if nan_policy not in ("skip", "stop"):
-            raise ValueError(f"nan_policy must be 'skip' or 'stop', got {nan_policy!r}")
+        self.nonfinite = NonFiniteSteps(nan_policy, max_consecutive_skips)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
         self.save_hyperparameters()
@@ -111,13 +117,23 @@ class BrushNetTrainingModule(L.LightningModule):
         self.noise_scheduler = parts.scheduler
         for frozen in self.frozen_models():
             frozen.requires_grad_(False)
+        if self.text_encoder_2 is not None:
+            check_sdxl_unet_fits(self.unet, self.text_encoder_2)
         if brushnet_model_name_or_path:
             from brushnet.loading import load_brushnet
 
             branch = load_brushnet(brushnet_model_name_or_path, torch_dtype=torch.float32)
             check_branch_matches_unet(branch, self.unet)
+        elif single_branch:
+            branch = inpainting_unet_from(self.unet)
         else:
-            branch = BrushNetModel.from_unet(self.unet)
+            branch = BrushNetModel.from_unet(
+                self.unet,
+                injection=injection,
+                condition_encoder=condition_encoder,
+                branch_cross_attention=branch_cross_attention,
+                vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1),
+            )
         self.brushnet = branch.float().train()  # fp32 master weights whatever the precision
         self.ema: BrushNetModel | None = None
         if ema_decay is not None:
@@ -132,14 +148,14 @@ class BrushNetTrainingModule(L.LightningModule):
             "alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False
         )
         self.weight_dtype = torch.float32
-        self.consecutive_skips = 0
-        self.skipped_steps = 0
-        self._update_skipped = False
-        self._window_done = True  # set after each optimizer step; see training_step
-        self._non_finite_reason: str | None = None  # the first non-finite loss of this window
         self.strict_loading = (
             False  # checkpoints hold only the trained branch (+ EMA); see on_load_checkpoint
         )
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps dropped for a non-finite loss or gradient (see :class:`NonFiniteSteps`)."""
+        return self.nonfinite.skipped_steps
 
     # ------------------------------------------------------------------ models
     def frozen_models(self) -> list[nn.Module]:
@@ -148,6 +164,32 @@ class BrushNetTrainingModule(L.LightningModule):
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
+
+    def inference_pipeline(self, use_ema: bool = True, scheduler: str = "unipc") -> BrushNetInpaintPipeline:
+        """A :class:`~brushnet.pipeline.BrushNetInpaintPipeline` sharing this module's models (no copies).
+
+        ``use_ema``: the EMA branch when the module keeps one, else the live branch. ``scheduler``: a
+        short name or diffusers class name, built from the base's scheduler config.
+        """
+        from brushnet.pipeline import BrushNetInpaintPipeline, make_scheduler
+
+        if self.hparams.single_branch:
+            raise ValueError(
+                "model.single_branch trains a 9-channel UNet, not a BrushNet branch: run its export with "
+                "brushnet.single_branch.inpaint_single_branch (validation grids do not apply)"
+            )
+        pipe = BrushNetInpaintPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            brushnet=self.ema if use_ema and self.ema is not None else self.brushnet,
+            scheduler=make_scheduler(scheduler, self.noise_scheduler.config),
+            text_encoder_2=self.text_encoder_2,
+            tokenizer_2=self.tokenizer_2,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def setup(self, stage: str) -> None:
         self.weight_dtype = weight_dtype_for(self.trainer.precision if self._trainer is not None else None)
@@ -204,8 +246,10 @@ class BrushNetTrainingModule(L.LightningModule):
             latents_both = self.vae.encode(pixels).latent_dist.sample(generator)
             latents_both = latents_both.float() * self.vae.config.scaling_factor
         latents, masked_latents = latents_both.chunk(2)
-        masks = F.interpolate(batch["masks"].float(), size=latents.shape[-2:])  # nearest (official)
-        brushnet_cond = torch.cat([masked_latents, masks], dim=1)
+        # [masked latents, keep mask resized to latent size (nearest, official)]; pixel-space for `conv`
+        brushnet_cond = branch_condition(
+            self.brushnet, masked_latents, pixels.chunk(2)[1].float(), batch["masks"].float()
+        )
 
         bsz = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
@@ -217,10 +261,19 @@ class BrushNetTrainingModule(L.LightningModule):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
         h, w = batch["pixel_values"].shape[-2:]
-        cond = text_conditioning(
-            batch, self.text_encoder, self.text_encoder_2, target_size=(int(h), int(w)), dtype=wd
-        )
-        if use_branch:
+        time_ids = None
+        if self.is_sdxl:
+            time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (int(h), int(w)))
+        cond = text_conditioning(self.text_encoder, batch, self.text_encoder_2, time_ids=time_ids, dtype=wd)
+        if use_branch and self.hparams.single_branch:
+            pred = self.brushnet(
+                single_branch_input(noisy, masked_latents, batch["masks"]),
+                timesteps,
+                encoder_hidden_states=cond.encoder_hidden_states,
+                added_cond_kwargs=cond.added_cond_kwargs,
+                return_dict=False,
+            )[0]
+        elif use_branch:
             down, mid, up = self.brushnet(
                 noisy,
                 timesteps,
@@ -238,6 +291,7 @@ class BrushNetTrainingModule(L.LightningModule):
                 mid_block_add_sample=mid,
                 up_block_add_samples=up,
                 added_cond_kwargs=cond.added_cond_kwargs,
+                injection=self.brushnet.config.injection,
             )
         else:
             pred = self.unet(
@@ -266,64 +320,33 @@ class BrushNetTrainingModule(L.LightningModule):
         return weights / snr if self.prediction_type == "epsilon" else weights / (snr + 1.0)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self._window_done:  # the first micro-batch of an optimizer step (of an accumulation window)
-            self._window_done = False
-            self._update_skipped = False  # read by optimizer_step and lr_scheduler_step
-            self._non_finite_reason = None
+        self.nonfinite.start_micro_batch()
         loss = self.compute_loss(batch, self.step_generator(self._batch_counter()))
+        keys = list(batch.get("keys", []))[:8]
+        where = f"at step {self.global_step}" + (f" (batch keys {keys})" if keys else "")
+        if not self.nonfinite.loss_is_finite(loss, where):
+            return loss  # the backward still runs (every rank reaches the all-reduce); the update is dropped
         bsz = batch["pixel_values"].shape[0]
-        if not torch.isfinite(loss):
-            keys = list(batch.get("keys", []))[:8]
-            where = f"at step {self.global_step}" + (f" (batch keys {keys})" if keys else "")
-            self._non_finite_reason = self._non_finite_reason or f"loss is {loss.item()} {where}"
-            # The backward still runs: under DDP every rank must reach the gradient all-reduce. The whole
-            # update is then dropped on every rank at once, in on_before_optimizer_step.
-            return loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
         if "num_bad" in batch:
             self.log("train/bad_samples_in_batch", batch["num_bad"].float(), reduce_fx="sum", batch_size=bsz)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the update of a window that saw a non-finite loss or gradient, on every rank or on none.
-
-        Called once per optimizer step, after the gradients of all accumulated micro-batches are reduced
-        across ranks. The gradients are checked on this rank's (local shard of the) parameters, and one
-        scalar all-reduce makes the verdict the same on every rank (FSDP2 ranks hold different shards).
-        Under ``16-mixed`` the GradScaler skips steps with inf/NaN gradients itself (an overflow is not an
-        error there), so only a non-finite loss counts.
-        """
-        reason = self._non_finite_reason
-        if reason is None and not str(self.trainer.precision).startswith("16"):
-            grads = [_local_tensor(p.grad) for p in self.brushnet.parameters() if p.grad is not None]
-            # one reduction and one host sync for all gradients (a NaN/Inf element makes its norm NaN/Inf)
-            if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
-                reason = f"a gradient is NaN/Inf at step {self.global_step}"
+        """Once per optimizer step, after the accumulated gradients are reduced: keep or drop the update."""
+        any_rank = None
         if self.trainer.world_size > 1:
-            flag = torch.tensor(float(reason is not None), device=self.device)
-            if float(self.trainer.strategy.reduce(flag, reduce_op="sum")) > 0 and reason is None:
-                reason = f"a non-finite loss or gradient on another rank at step {self.global_step}"
-        if reason is None:
-            self.consecutive_skips = 0
-            return
-        for p in self.brushnet.parameters():
-            p.grad = None  # the optimizer leaves parameters without a gradient unchanged
-        self._skip_update(reason)
 
-    def _skip_update(self, what: str) -> None:
-        if self.hparams.nan_policy == "stop":
-            raise NonFiniteLossError(
-                f"{what}; stopping (nan_policy='stop'). No checkpoint was written from the non-finite state."
-            )
-        self._update_skipped = True
-        self.consecutive_skips += 1
-        self.skipped_steps += 1
-        log.warning("%s: skipping this optimizer step (%d in a row)", what, self.consecutive_skips)
-        if self.consecutive_skips > self.hparams.max_consecutive_skips:
-            raise NonFiniteLossError(
-                f"{self.consecutive_skips} consecutive non-finite steps (last: {what}), more than "
-                f"max_consecutive_skips={self.hparams.max_consecutive_skips}: stopping"
-            )
+            def any_rank(bad: bool) -> bool:
+                flag = torch.tensor(float(bad), device=self.device)
+                return float(self.trainer.strategy.reduce(flag, reduce_op="sum")) > 0
+
+        self.nonfinite.check_update(
+            self.brushnet.parameters(),
+            self.global_step,
+            check_gradients=not str(self.trainer.precision).startswith("16"),
+            any_rank=any_rank,
+        )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
@@ -333,22 +356,20 @@ class BrushNetTrainingModule(L.LightningModule):
 
         Lightning calls this once per optimizer step (after the last accumulated micro-batch), inside the
         training step, so the EMA of step k is in place before any callback's ``on_train_batch_end`` (the
-        checkpoint of step k). A skipped update (a non-finite loss or gradient in any micro-batch of the
-        window, see ``on_before_optimizer_step``, or inf/NaN gradients found by the ``16-mixed`` GradScaler)
-        leaves the branch unchanged, and the EMA and the LR schedule too.
+        checkpoint of step k). A dropped update (:class:`NonFiniteSteps`, or inf/NaN gradients found by the
+        ``16-mixed`` GradScaler) leaves the branch unchanged, and the EMA and the LR schedule too.
         """
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
         super().optimizer_step(*args, **kwargs)
-        if scale is not None and scaler.get_scale() < scale:  # GradScaler.update() backs off only on a skip
-            self._update_skipped = True
-        if self.ema is not None and not self._update_skipped:
+        # GradScaler.update() backs the scale off only on a skipped step
+        self.nonfinite.finish_update(scaler_skipped=scale is not None and scaler.get_scale() < scale)
+        if self.ema is not None and not self.nonfinite.update_skipped:
             self.update_ema()
-        self._window_done = True
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """The LR schedule counts real updates: a skipped optimizer step does not advance it."""
-        if not self._update_skipped:
+        if not self.nonfinite.update_skipped:
             super().lr_scheduler_step(scheduler, metric)
 
     @torch.no_grad()
@@ -383,7 +404,7 @@ class BrushNetTrainingModule(L.LightningModule):
         """Keep only the trained weights: the frozen base is reloaded from its folder/id on resume."""
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(TRAINED_PREFIXES)}
-        checkpoint["brushnet_train"] = {"skipped_steps": self.skipped_steps}
+        checkpoint["brushnet_train"] = {"skipped_steps": self.nonfinite.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -397,4 +418,4 @@ class BrushNetTrainingModule(L.LightningModule):
                 "another model configuration (EMA on/off, another base)?"
             )
         info = checkpoint.get("brushnet_train", {})
-        self.skipped_steps = int(info.get("skipped_steps", 0))
+        self.nonfinite.skipped_steps = int(info.get("skipped_steps", 0))

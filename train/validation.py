@@ -192,26 +192,9 @@ class ValidationGrids(L.Callback):
                 f"brushnet-validation-{step}", trainer.global_rank, trainer.world_size, self.barrier_timeout_s
             )
 
-    def pipeline(self, pl_module):
-        from brushnet.pipeline import BrushNetInpaintPipeline, make_scheduler
-
-        branch = pl_module.ema if self.use_ema and getattr(pl_module, "ema", None) is not None else None
-        pipe = BrushNetInpaintPipeline(
-            vae=pl_module.vae,
-            text_encoder=pl_module.text_encoder,
-            tokenizer=pl_module.tokenizer,
-            unet=pl_module.unet,
-            brushnet=branch or pl_module.brushnet,
-            scheduler=make_scheduler("unipc", pl_module.noise_scheduler.config),
-            text_encoder_2=pl_module.text_encoder_2,
-            tokenizer_2=pl_module.tokenizer_2,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
     def _render(self, trainer, pl_module, folder: Path, write: bool = True) -> None:
         try:
-            pipe = self.pipeline(pl_module)
+            pipe = pl_module.inference_pipeline(use_ema=self.use_ema)
         except Exception as e:  # e.g. a sharded (FSDP) branch, or no pipeline available
             self.disabled_reason = f"{type(e).__name__}: {e}"
             log.warning(

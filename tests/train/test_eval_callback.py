@@ -14,10 +14,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from brushnet.loading import load_base_components
 from tests.brushnet.branches import save_branch
 from tests.brushnet.evaluation_builders import fake_benchmark
-from train.eval_callback import BenchmarkEvalCallback, pipeline_from_module
+from train.eval_callback import BenchmarkEvalCallback
+from train.module import BrushNetTrainingModule
 
 
 class TinyModule(L.LightningModule):
+    inference_pipeline = BrushNetTrainingModule.inference_pipeline  # the trainer's, on a lighter module
+
     def __init__(self, base, branch_path):
         super().__init__()
         from brushnet import BrushNetModel
@@ -25,6 +28,7 @@ class TinyModule(L.LightningModule):
         parts = load_base_components(base)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.scheduler
+        self.text_encoder_2, self.tokenizer_2, self.ema = None, None, None
         self.brushnet = BrushNetModel.from_pretrained(branch_path).train()
         self.w = torch.nn.Parameter(torch.zeros(1))
 
@@ -75,9 +79,9 @@ def test_missing_components_are_named(tmp_path):
 
 def test_pipeline_uses_the_ema_branch_when_asked(tmp_path, tiny_base_sd15):
     module = TinyModule(tiny_base_sd15, save_branch(tiny_base_sd15, tmp_path / "branch"))
-    assert pipeline_from_module(module).brushnet is module.brushnet  # no EMA
+    assert module.inference_pipeline().brushnet is module.brushnet  # no EMA
     module.ema = copy.deepcopy(module.brushnet).eval()
-    assert pipeline_from_module(module).brushnet is module.ema
-    assert pipeline_from_module(module, use_ema=False).brushnet is module.brushnet
-    pipe = pipeline_from_module(module, scheduler="ddim")
+    assert module.inference_pipeline().brushnet is module.ema
+    assert module.inference_pipeline(use_ema=False).brushnet is module.brushnet
+    pipe = module.inference_pipeline(scheduler="ddim")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.unet is module.unet

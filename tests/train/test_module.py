@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from brushnet.conditioning import sdxl_time_ids
 from brushnet.model import BrushNetModel
 from tests.train.batches import make_batch
 from train.checkpointing import BrushNetCheckpoint
-from train.conditioning import sdxl_time_ids
 from train.module import BrushNetTrainingModule, NonFiniteLossError, weight_dtype_for
 from train.optim import build_optimizer, lr_lambda
 
@@ -28,6 +28,7 @@ def fresh(module: BrushNetTrainingModule, **hparams) -> BrushNetTrainingModule:
     m._modules = dict(module._modules)
     m._modules["brushnet"] = BrushNetModel.from_unet(module.unet).float().train()
     m._modules["ema"] = None
+    m.nonfinite = copy.copy(module.nonfinite)
     m._hparams = copy.deepcopy(module.hparams)
     m._hparams.update(hparams)
     return m

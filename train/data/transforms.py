@@ -21,13 +21,13 @@ All randomness comes from the ``numpy.random.Generator`` passed in, which the da
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
 from brushnet.brushdata import DecodedSample
+from brushnet.conditioning import CaptionTokenizers
 from brushnet.masks import inpaint_to_keep, random_brush_mask
 
 # official train_brushnet.py: np.ones((8, 8), np.uint8) for cv2.erode + cv2.dilate
@@ -49,72 +49,6 @@ class AugmentConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
-class CaptionTokenizers:
-    """The base model's CLIP tokenizer(s): ``tokenizer`` and, for SDXL, ``tokenizer_2``."""
-
-    def __init__(self, tokenizer, tokenizer_2=None) -> None:
-        self.tokenizer = tokenizer
-        self.tokenizer_2 = tokenizer_2
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str) -> CaptionTokenizers:
-        """Load ``<name_or_path>/tokenizer`` (+ ``tokenizer_2`` if present) from a folder or hub id."""
-        from transformers import CLIPTokenizer
-
-        if not name_or_path:
-            raise ValueError("BrushDataModule needs `tokenizer`: the base model's folder or hub id")
-        folder = Path(name_or_path)
-        if folder.is_dir():
-            if not (folder / "tokenizer").is_dir():
-                raise FileNotFoundError(
-                    f"{folder}: no 'tokenizer' subfolder (expected a diffusers base model)"
-                )
-            second = folder / "tokenizer_2"
-            return cls(
-                _checked(CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer"), name_or_path),
-                _checked(CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2"), name_or_path)
-                if second.is_dir()
-                else None,
-            )
-        try:
-            first = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
-        except (OSError, ValueError) as e:
-            raise OSError(
-                f"cannot load the tokenizer of {name_or_path!r}: not a local folder and not reachable on the hub "
-                f"(offline?): {e}"
-            ) from e
-        try:
-            second = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2")
-        except (OSError, ValueError):
-            second = None
-        return cls(
-            _checked(first, name_or_path), _checked(second, name_or_path) if second is not None else None
-        )
-
-    def __call__(self, caption: str) -> dict[str, torch.Tensor]:
-        out = {"input_ids": self._ids(self.tokenizer, caption)}
-        if self.tokenizer_2 is not None:
-            out["input_ids_2"] = self._ids(self.tokenizer_2, caption)
-        return out
-
-    @staticmethod
-    def _ids(tokenizer, caption: str) -> torch.Tensor:
-        ids = tokenizer(
-            caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True
-        ).input_ids
-        return torch.tensor(ids, dtype=torch.int64)
-
-
-def _checked(tokenizer, name: str):
-    # transformers can hand back an empty tokenizer (just the special tokens) when the files could not be
-    # fetched; training with it would silently see every caption as "".
-    if tokenizer is not None and len(tokenizer) <= 2:
-        raise OSError(
-            f"the tokenizer loaded from {name!r} is empty ({len(tokenizer)} tokens): files missing/offline?"
-        )
-    return tokenizer
 
 
 def choose_inpaint_mask(sample: DecodedSample, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
