@@ -1,0 +1,112 @@
+"""Released DiT base shapes and branch sizes, built on the meta device (no memory, no download).
+
+``python -m brushnet.dit.shapes`` prints the parameter table of the README ("DiT bases").
+
+The configs are the hub's ``transformer/config.json`` of each model (stabilityai/stable-diffusion-3.5-medium,
+stabilityai/stable-diffusion-3.5-large, black-forest-labs/FLUX.1-dev), as reproduced in public loaders that
+build these models without downloading them (e.g. Comfy-Org fp8 loaders); the Flux values are also the
+defaults of diffusers' ``FluxTransformer2DModel`` and of black-forest-labs/flux ``FluxParams`` for flux-dev.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SD35_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+SD35_LARGE = dict(
+    SD35_MEDIUM,
+    num_layers=38,
+    num_attention_heads=38,
+    caption_projection_dim=2432,
+    pos_embed_max_size=192,
+    dual_attention_layers=(),
+)
+FLUX1_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+BASES = {
+    "sd3.5-medium": ("sd3", SD35_MEDIUM),
+    "sd3.5-large": ("sd3", SD35_LARGE),
+    "flux.1-dev": ("flux", FLUX1_DEV),
+}
+
+
+def meta_transformer(name: str):
+    """The base transformer of ``name`` (a key of :data:`BASES`) with meta tensors."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    family, cfg = BASES[name]
+    cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+    with torch.device("meta"):
+        return cls(**cfg)
+
+
+def meta_branch(transformer, num_layers: int | None = None, branch_text: bool = False):
+    """The branch :meth:`from_transformer` builds, with meta tensors (weights are not copied)."""
+    from brushnet.dit.family import family_of
+
+    cls = family_of(transformer).branch_class
+    with torch.device("meta"):
+        return cls.from_transformer(
+            transformer, num_layers=num_layers, branch_text=branch_text, load_weights_from_transformer=False
+        )
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def table() -> list[dict]:
+    """One row per base and branch depth: base / branch parameters (image-only and with the text stream)."""
+    rows = []
+    for name in BASES:
+        base = meta_transformer(name)
+        default = meta_branch(base).config.num_layers
+        for n in sorted({default, 2, base.config.num_layers}):
+            rows.append(
+                dict(
+                    base=name,
+                    base_params=count(base),
+                    base_blocks=base.config.num_layers + base.config.get("num_single_layers", 0),
+                    branch_layers=n,
+                    default=n == default,
+                    branch_params=count(meta_branch(base, n)),
+                    branch_text_params=count(meta_branch(base, n, branch_text=True)),
+                )
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    print("| base | base params | base blocks fed | branch blocks | branch params | % of base | with text |")
+    print("|---|---|---|---|---|---|---|")
+    for r in table():
+        mark = " (default)" if r["default"] else ""
+        print(
+            f"| {r['base']} | {r['base_params'] / 1e9:.2f} B | {r['base_blocks']} | {r['branch_layers']}{mark} | "
+            f"{r['branch_params'] / 1e6:.0f} M | {100 * r['branch_params'] / r['base_params']:.1f} | "
+            f"{r['branch_text_params'] / 1e6:.0f} M |"
+        )
