@@ -1,13 +1,17 @@
-"""Typed configuration of the data pipeline, loaded from one YAML file under `configs/data/`."""
+"""Typed configuration of the data pipeline: one YAML file under `configs/data/`, read by jsonargparse from
+these dataclasses (types checked, unknown keys refused); the same dataclasses give the CLI its flags
+(`--filter.min_side 256`, `--label.sam.checkpoint ...`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from jsonargparse import ArgumentError, ArgumentParser
 
 
 class ConfigError(ValueError):
@@ -38,7 +42,7 @@ class FilterConfig:
         512  # from the metadata WIDTH/HEIGHT; rows without a size are kept (img2dataset re-checks)
     )
     max_aspect_ratio: float | None = 3.0
-    dedupe: list[str] = field(default_factory=lambda: ["url", "hash"])
+    dedupe: list[Literal["url", "hash"]] = field(default_factory=lambda: ["url", "hash"])
     shuffle: bool = True
     seed: int = 0
     rows_per_part: int = (
@@ -49,7 +53,9 @@ class FilterConfig:
 @dataclass
 class DownloadConfig:
     image_size: int = 1024  # keep_ratio: the smaller side is resized to image_size (only if bigger)
-    resize_mode: str = "keep_ratio"
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = (
+        "keep_ratio"  # img2dataset's ResizeMode names
+    )
     resize_only_if_bigger: bool = True
     min_image_size: int = 512
     max_aspect_ratio: float = 3.0
@@ -68,7 +74,7 @@ class DownloadConfig:
 
 @dataclass
 class SamConfig:
-    model_type: str = "vit_h"  # vit_h | vit_l | vit_b | tiny (random, tests)
+    model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_h"  # tiny: random weights (tests)
     checkpoint: str | None = None
     points_per_side: int = 32
     points_per_batch: int = 64
@@ -76,7 +82,7 @@ class SamConfig:
     stability_score_thresh: float = 0.95
     min_mask_region_area: int = 0
     device: str = "auto"  # auto = cuda when present
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast on CUDA)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast on CUDA
 
 
 @dataclass
@@ -89,7 +95,7 @@ class ClassicalConfig:
 
 @dataclass
 class LabelConfig:
-    labeler: str = "auto"  # auto | sam | classical (auto = sam when a checkpoint is configured)
+    labeler: Literal["auto", "sam", "classical"] = "auto"  # auto = sam when a checkpoint is configured
     sam: SamConfig = field(default_factory=SamConfig)
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)
     min_area_frac: float = 0.01
@@ -104,41 +110,84 @@ class LabelConfig:
 @dataclass
 class PipelineConfig:
     out: str = "data/brushdata"
-    metadata: list[str] = field(default_factory=list)
+    metadata: list[str] | str = field(
+        default_factory=list
+    )  # files, folders or globs; one string is a list of one
     filter: FilterConfig = field(default_factory=FilterConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.metadata, str):
+            self.metadata = [self.metadata]
 
-def _build(cls: type, data: Any, where: str) -> Any:
+
+def _one_line(error: Exception) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(error)).strip()
+
+
+def add_config_arguments(parser: ArgumentParser) -> None:
+    """One flag per config field (`--filter.min_side`, ...); `--metadata` takes one or more paths/globs."""
+    parser.add_class_arguments(PipelineConfig, skip={"metadata"})
+    parser.add_argument(
+        "--metadata",
+        type=str,
+        nargs="+",
+        help="metadata parquet files, folders or globs (config `metadata:`)",
+    )
+
+
+def _sections(cls: type, data: Any, where: str, key: str) -> dict[str, Any]:
+    """`data` with its empty sections (`filter:`) dropped; a section that is not a mapping is an error (which
+    jsonargparse only reports as a TypeError when instantiating)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value or {}, f"{where}.{name}")
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
+        raise ConfigError(
+            f"{where}: {key or 'config'}: expected a mapping, got {type(data).__name__} {data!r}"
+        )
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory) and f.name in out:
+            if out[f.name] is None:
+                del out[f.name]
+            else:
+                name = f"{key}.{f.name}" if key else f.name
+                out[f.name] = _sections(f.default_factory, out[f.name], where, name)
+    return out
 
 
-def config_from_dict(data: dict[str, Any], where: str = "config") -> PipelineConfig:
-    cfg = _build(PipelineConfig, data, where)
-    if isinstance(cfg.metadata, str):
-        cfg.metadata = [cfg.metadata]
-    if cfg.label.labeler not in ("auto", "sam", "classical"):
-        raise ConfigError(f"{where}.label.labeler: expected auto|sam|classical, got {cfg.label.labeler!r}")
-    return cfg
+def config_from_dict(data: Any, where: str = "config") -> PipelineConfig:
+    """Check and build the config; ConfigError naming `where` and the key (`min_side: abc`, unknown keys)."""
+    data = _sections(PipelineConfig, data, where, "")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(PipelineConfig)
+    try:
+        init = parser.instantiate(parser.parse_object(data))
+    except ArgumentError as e:
+        raise ConfigError(f"{where}: {_one_line(e)}") from None
+    return PipelineConfig(**{f.name: init[f.name] for f in dataclasses.fields(PipelineConfig)})
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    return config_from_dict(data, where=str(path))
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _merge(base[key], value) if nested else value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """The config of YAML file `path` (None: the built-in defaults) with `overrides` (nested keys, e.g. the
+    CLI flags given) on top; errors name the file and key."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+    where = str(path) if path is not None else "config"
+    if overrides and isinstance(data, dict):
+        data = _merge(data, overrides)
+    return config_from_dict(data, where=where)

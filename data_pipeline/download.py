@@ -1,9 +1,8 @@
 """Stage 2: download the images of each filtered part with img2dataset (webdataset output), resumable.
 
-Layout under the run folder:
-  download/p00003/{00000.tar, 00000.parquet, 00000_stats.json, ...}   img2dataset output of part 3
-  download/p00003r1/...                                               retry round 1 (`status != success` rows)
-  state/download/p00003.json                                          written when that folder is complete
+Each part is one img2dataset run into `download/<part>/` (then retry rounds `<part>r1`, ...: the rows whose
+`status != success`); its `state/download/<unit>.json` record is written when the folder is complete
+(folder names: data_pipeline.layout).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from data_pipeline.config import DownloadConfig
-from data_pipeline.filter import CAPTION, EXTRA_COLUMNS, URL
+from data_pipeline.layout import CAPTION, EXTRA_COLUMNS, URL, RunLayout, part_name, retry_name
 from data_pipeline.progress import StageReport
 from data_pipeline.sharding import WHOLE_JOB, TaskSlice
 
@@ -34,18 +32,6 @@ class DownloadUnit:
     name: str  # p00003 or p00003r1; also the prefix of every sample key and label shard made from it
     input: Path
     folder: Path
-
-
-def part_name(part: Path) -> str:
-    """part-00003.parquet -> p00003."""
-    return "p" + Path(part).stem.split("-")[-1]
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def read_stats(folder: Path) -> list[dict]:
@@ -97,11 +83,10 @@ def _failed_rows(folder: Path) -> pd.DataFrame:
     return pd.DataFrame({c: df.get(c) for c in [URL, CAPTION, *EXTRA_COLUMNS]})
 
 
-def _download_unit(unit: DownloadUnit, state: Path, cfg: DownloadConfig, report: StageReport) -> bool:
-    """Download one unit unless its state file exists; returns True when the unit is complete."""
-    done = state / f"{unit.name}.json"
-    if done.is_file():
-        stats = json.loads(done.read_text())
+def _download_unit(unit: DownloadUnit, run: RunLayout, cfg: DownloadConfig, report: StageReport) -> bool:
+    """Download one unit unless its state record exists; returns True when the unit is complete."""
+    stats = run.read_record("download", unit.name)
+    if stats is not None:
         report.skipped += stats["successes"]
         report.details["units_skipped"] += 1
         return True
@@ -128,15 +113,9 @@ def _download_unit(unit: DownloadUnit, state: Path, cfg: DownloadConfig, report:
             expected,
         )
         return False
-    write_json_atomic(done, {"name": unit.name, "input": str(unit.input), "shards": len(stats), **totals})
+    record = {"name": unit.name, "input": str(unit.input), "shards": len(stats), **totals}
+    run.write_record("download", unit.name, record)
     return True
-
-
-def download_units(download_root: Path, name: str) -> list[Path]:
-    """The img2dataset folders of one part: the main one, then the retry rounds, in order."""
-    main = Path(download_root) / name
-    retries = sorted(Path(download_root).glob(f"{name}r*"), key=lambda p: int(p.name[len(name) + 1 :]))
-    return [main, *[r for r in retries if r.is_dir()]]
 
 
 def run_download(
@@ -145,29 +124,26 @@ def run_download(
     """Download the parts this task owns (part i belongs to task i % num_shards), then the retry rounds."""
     report = StageReport("download")
     start = time.perf_counter()
-    download_root, state = Path(run_dir) / "download", Path(run_dir) / "state" / "download"
+    run = RunLayout(run_dir)
     for index, part in enumerate(parts):
         if not task.owns(index):
             continue
         name = part_name(part)
-        unit = DownloadUnit(name, part, download_root / name)
-        complete = _download_unit(unit, state, cfg, report)
+        unit = DownloadUnit(name, part, run.download / name)
+        complete = _download_unit(unit, run, cfg, report)
         for round_ in range(1, cfg.retry_failed_rounds + 1):
             if not complete:
                 break
-            retry = DownloadUnit(
-                f"{name}r{round_}",
-                download_root / "_retry" / f"{name}r{round_}.parquet",
-                download_root / f"{name}r{round_}",
-            )
-            if not (state / f"{retry.name}.json").is_file():
+            retry_unit = retry_name(name, round_)
+            retry = DownloadUnit(retry_unit, run.retry_input(retry_unit), run.download / retry_unit)
+            if run.read_record("download", retry.name) is None:
                 failed = _failed_rows(unit.folder)
                 if failed.empty:
                     break
                 retry.input.parent.mkdir(parents=True, exist_ok=True)
                 failed.to_parquet(retry.input, index=False)
                 report.details["retried_rows"] += len(failed)
-            complete = _download_unit(retry, state, cfg, report)
+            complete = _download_unit(retry, run, cfg, report)
             unit = retry
     report.seconds = time.perf_counter() - start
     return report

@@ -16,15 +16,23 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from data_pipeline.config import FilterConfig
+from data_pipeline.layout import (
+    AESTHETIC,
+    CAPTION,
+    EXTRA_COLUMNS,
+    HASH,
+    HEIGHT,
+    PUNSAFE,
+    PWATERMARK,
+    SUMMARY,
+    URL,
+    WIDTH,
+)
 from data_pipeline.progress import StageReport
 
 log = logging.getLogger(__name__)
 
-# Standard column names of our filtered parts (what download.py hands to img2dataset).
-URL, CAPTION, WIDTH, HEIGHT = "url", "caption", "width", "height"
-AESTHETIC, PUNSAFE, PWATERMARK, HASH = "aesthetic_score", "punsafe", "pwatermark", "hash"
-EXTRA_COLUMNS = [AESTHETIC, PUNSAFE, PWATERMARK]  # kept by img2dataset (save_additional_columns)
-_STANDARD = {
+_STANDARD = {  # FilterConfig.columns field -> our column name
     "url": URL,
     "caption": CAPTION,
     "width": WIDTH,
@@ -34,7 +42,6 @@ _STANDARD = {
     "pwatermark": PWATERMARK,
     "hash": HASH,
 }
-SUMMARY = "_SUMMARY.json"
 
 
 class MetadataError(ValueError):
@@ -196,10 +203,3 @@ def run_filter(metadata: list[str], out_dir: Path, cfg: FilterConfig) -> StageRe
     report.seconds = time.perf_counter() - start
     log.info("filter: kept %d of %d rows in %d part(s); dropped %s", len(df), total, n_parts, dropped)
     return report
-
-
-def list_parts(filtered_dir: Path) -> list[Path]:
-    """The filtered parts, in order; error if the filter stage has not completed."""
-    if not (Path(filtered_dir) / SUMMARY).is_file():
-        raise MetadataError(f"{filtered_dir}: filter stage not complete (no {SUMMARY}); run `filter` first")
-    return sorted(Path(filtered_dir).glob("part-*.parquet"))

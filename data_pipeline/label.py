@@ -24,8 +24,8 @@ from PIL import Image
 from brushnet.brushdata import BrushDataSample, ShardWriter
 from brushnet.masks import brushdata_rle_encode
 from data_pipeline.config import LabelConfig
-from data_pipeline.download import download_units, part_name, write_json_atomic
 from data_pipeline.labelers import Labeler, MaskProposal, make_labeler, select_masks
+from data_pipeline.layout import RunLayout, part_name
 from data_pipeline.progress import Progress, StageReport
 from data_pipeline.sharding import WHOLE_JOB, TaskSlice
 
@@ -92,16 +92,12 @@ def plan_label_shards(
     if split_by not in ("part", "shard"):
         raise ValueError(f"split_by must be 'part' or 'shard', got {split_by!r}")
     shards, pending = [], []
-    state = Path(run_dir) / "state" / "download"
+    run = RunLayout(run_dir)
     for index, part in enumerate(parts):
         if split_by == "part" and not task.owns(index):
             continue
         name = part_name(part)
-        folders = [
-            f
-            for f in download_units(Path(run_dir) / "download", name)
-            if (state / f"{f.name}.json").is_file()
-        ]
+        folders = [f for f in run.download_folders(name) if run.read_record("download", f.name) is not None]
         if not folders:
             pending.append(name)
         for folder in folders:
@@ -244,11 +240,11 @@ def label_shard(
     return counts
 
 
-def _is_done(shard: LabelShard, out_dir: Path, state: Path) -> bool:
-    if (out_dir / f"{shard.name}.tar").is_file():
+def _is_done(shard: LabelShard, run: RunLayout) -> bool:
+    if (run.brushdata / f"{shard.name}.tar").is_file():
         return True
-    record = state / f"{shard.name}.json"  # a shard whose every image was skipped leaves no tar, only this
-    return record.is_file() and json.loads(record.read_text())["ok"] == 0
+    record = run.read_record("label", shard.name)  # a shard whose every image was skipped leaves no tar
+    return record is not None and record["ok"] == 0
 
 
 def run_label(
@@ -260,15 +256,14 @@ def run_label(
     split_by: str = "part",
 ) -> StageReport:
     """Label every output shard this task owns that is not already written."""
-    run_dir = Path(run_dir)
-    out_dir, state = run_dir / "brushdata", run_dir / "state" / "label"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards, pending = plan_label_shards(run_dir, parts, cfg.samples_per_shard, task, split_by)
+    run = RunLayout(run_dir)
+    run.brushdata.mkdir(parents=True, exist_ok=True)
+    shards, pending = plan_label_shards(run.root, parts, cfg.samples_per_shard, task, split_by)
     report = StageReport("label")
     if pending:
         report.details["parts_not_downloaded"] = len(pending)
         log.warning("label: download not complete for %s; they are left for a later run", pending)
-    todo = [s for s in shards if not _is_done(s, out_dir, state)]
+    todo = [s for s in shards if not _is_done(s, run)]
     report.details["shards_skipped"] = len(shards) - len(todo)
     report.details["shards_written"] = 0
     if not todo:
@@ -278,12 +273,10 @@ def run_label(
     progress = Progress(report, total=sum(s.stop - s.start for s in todo))
     try:
         for shard in todo:
-            counts = label_shard(shard, out_dir, labeler, cfg, progress)
+            counts = label_shard(shard, run.brushdata, labeler, cfg, progress)
             if counts["ok"] == 0:  # no empty tars: the official loader counts 10,000 samples per tar file
-                (out_dir / f"{shard.name}.tar").unlink()
-            write_json_atomic(
-                state / f"{shard.name}.json", {"shard": shard.name, **counts, "labeler": labeler.name}
-            )
+                (run.brushdata / f"{shard.name}.tar").unlink()
+            run.write_record("label", shard.name, {"shard": shard.name, **counts, "labeler": labeler.name})
             report.details["shards_written"] += 1
     finally:
         progress.close()

@@ -1,25 +1,22 @@
 """Stage 4: decode every sample of every BrushData shard, report bad samples, write the index JSON.
 
-Per-shard results are cached in `state/validate/<shard>.json` (keyed by the tar's size and mtime), so the
+Per-shard results are cached in the `validate` state records (keyed by the tar's size and mtime), so the
 stage is resumable and splits across array tasks; the index (`index.json` beside `brushdata/`) is written
 by a single-task run (`--num-shards 1`, reusing the cached checks) and lists only shards without bad samples.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from brushnet.brushdata import BrushDataError, decode_sample, read_sample, scan_shard, write_index
-from data_pipeline.download import write_json_atomic
+from data_pipeline.layout import RunLayout
 from data_pipeline.progress import Progress, StageReport
 from data_pipeline.sharding import WHOLE_JOB, TaskSlice
 
 log = logging.getLogger(__name__)
-
-INDEX_NAME = "index.json"
 
 
 @dataclass
@@ -51,24 +48,24 @@ def check_shard(path: Path) -> ShardCheck:
     return check
 
 
-def _cached(record: Path, tar: Path) -> ShardCheck | None:
-    if not record.is_file():
+def _cached(run: RunLayout, tar: Path) -> ShardCheck | None:
+    record = run.read_record("validate", tar.stem)
+    if record is None:
         return None
-    check = ShardCheck(**json.loads(record.read_text()))
+    check = ShardCheck(**record)
     stat = tar.stat()
     return check if (check.size, check.mtime_ns) == (stat.st_size, stat.st_mtime_ns) else None
 
 
 def run_validate(run_dir: Path, task: TaskSlice = WHOLE_JOB) -> StageReport:
     """Check the shards this task owns (unless cached), then write the index when every shard is checked."""
-    run_dir = Path(run_dir)
-    shard_dir, state = run_dir / "brushdata", run_dir / "state" / "validate"
+    run = RunLayout(run_dir)
     report = StageReport("validate", unit="samples")
-    tars = sorted(shard_dir.glob("*.tar"))
+    tars = sorted(run.brushdata.glob("*.tar"))
     checks: dict[str, ShardCheck] = {}
     todo = []
     for i, tar in enumerate(tars):
-        cached = _cached(state / f"{tar.stem}.json", tar)
+        cached = _cached(run, tar)
         if cached is not None:
             checks[tar.name] = cached
             report.skipped += cached.samples
@@ -77,7 +74,7 @@ def run_validate(run_dir: Path, task: TaskSlice = WHOLE_JOB) -> StageReport:
     progress = Progress(report)
     for tar in todo:
         check = check_shard(tar)
-        write_json_atomic(state / f"{tar.stem}.json", check.__dict__)
+        run.write_record("validate", tar.stem, check.__dict__)
         checks[tar.name] = check
         progress.update(ok=check.samples - len(check.bad), failed=len(check.bad))
     progress.close()
@@ -89,11 +86,9 @@ def run_validate(run_dir: Path, task: TaskSlice = WHOLE_JOB) -> StageReport:
         report.details["shards_left_to_other_tasks"] = len(tars) - len(checks)
         return report
     good = [t for t in tars if not checks[t.name].bad]
-    write_index(good, run_dir / INDEX_NAME, root=run_dir)
+    write_index(good, run.index, root=run.root)
     report.details["index_shards"] = len(good)
     report.details["index_samples"] = sum(checks[t.name].samples for t in good)
     report.details["shards_with_bad_samples"] = len(tars) - len(good)
-    log.info(
-        "index: %s (%d shards, %d samples)", run_dir / INDEX_NAME, len(good), report.details["index_samples"]
-    )
+    log.info("index: %s (%d shards, %d samples)", run.index, len(good), report.details["index_samples"])
     return report

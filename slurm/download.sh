@@ -15,7 +15,7 @@
 #   DATA_CONFIG  pipeline YAML (--config)          default: the pipeline's built-in defaults
 #   DATA_OUT     run folder (--out)                default: `out:` of the config
 #   PYTHON       interpreter                       default ./.venv/bin/python if present, else python3
-#   EXTRA_ARGS   more `download` arguments, word-split (e.g. "--retry-failed 2")
+#   EXTRA_ARGS   more `download` arguments, word-split (e.g. "--download.retry_failed_rounds 2")
 #
 #SBATCH --job-name=brushnet-download
 #SBATCH --array=0-7

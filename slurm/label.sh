@@ -4,7 +4,7 @@
 #   sbatch slurm/label.sh                                   # 8 tasks (--array=0-7), DATA_CONFIG below
 #   sbatch --array=0-31%8 slurm/label.sh                    # 32 tasks, at most 8 at a time
 #   DATA_CONFIG=configs/data/laion_aesthetic_6plus.yaml DATA_OUT=/scratch/laion6 sbatch slurm/label.sh
-#   sbatch slurm/label.sh --sam-checkpoint /models/sam_vit_h_4b8939.pth   # more `label` arguments
+#   sbatch slurm/label.sh --label.sam.checkpoint /models/sam_vit_h_4b8939.pth   # more `label` arguments
 #
 # Task k of an array of N labels the downloaded parts i with i % N == k (`--shard-index k --num-shards N`),
 # so every output shard is written by exactly one task. The stage is resumable: finished shards are skipped
@@ -41,7 +41,7 @@ COUNT=${SLURM_ARRAY_TASK_COUNT:-1}
 ARGS=("$STAGE" --shard-index "$INDEX" --num-shards "$COUNT")
 if [ -n "${DATA_CONFIG:-}" ]; then ARGS+=(--config "$DATA_CONFIG"); fi
 if [ -n "${DATA_OUT:-}" ]; then ARGS+=(--out "$DATA_OUT"); fi
-if [ -n "${LABELER:-}" ]; then ARGS+=(--labeler "$LABELER"); fi
+if [ -n "${LABELER:-}" ]; then ARGS+=(--label.labeler "$LABELER"); fi
 # shellcheck disable=SC2206  # EXTRA_ARGS is word-split on purpose
 if [ -n "${EXTRA_ARGS:-}" ]; then ARGS+=($EXTRA_ARGS); fi
 ARGS+=("$@")

@@ -19,12 +19,12 @@ from brushnet.brushdata import BrushDataSample, ShardWriter
 from brushnet.masks import brushdata_rle_encode
 from data_pipeline.config import ClassicalConfig, DownloadConfig, SamConfig
 from data_pipeline.download import DownloadUnit, read_stats, run_img2dataset
-from data_pipeline.filter import CAPTION, EXTRA_COLUMNS, URL
-from data_pipeline.http_server import serve_folder
 from data_pipeline.labelers import Labeler, select_masks
 from data_pipeline.labelers.classical import ClassicalLabeler
 from data_pipeline.labelers.sam import SamLabeler
-from data_pipeline.tools.demo import PHOTOS, build_photo_site
+from data_pipeline.layout import CAPTION, EXTRA_COLUMNS, URL
+from data_pipeline.tools.http_server import serve_folder
+from data_pipeline.tools.photos import PHOTOS, build_photo_site
 
 log = logging.getLogger(__name__)
 

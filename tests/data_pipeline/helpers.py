@@ -12,8 +12,7 @@ import pandas as pd
 import skimage.data
 from PIL import Image
 
-from data_pipeline.download import write_json_atomic
-from data_pipeline.filter import SUMMARY
+from data_pipeline.layout import SUMMARY, RunLayout
 
 PHOTO_NAMES = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera"]
 
@@ -88,7 +87,7 @@ def write_download_unit(
             json.dumps({"count": len(chunk), "successes": len(chunk)})
         )
     part_index = int(name[1:6])
-    write_json_atomic(Path(run_dir) / "state" / "download" / f"{name}.json", {"successes": len(images)})
+    RunLayout(run_dir).write_record("download", name, {"successes": len(images)})
     filtered = Path(run_dir) / "filtered"
     filtered.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"url": ["x"]}).to_parquet(filtered / f"part-{part_index:05d}.parquet")

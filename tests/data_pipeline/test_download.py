@@ -8,7 +8,7 @@ import pandas as pd
 
 from data_pipeline import download as dl
 from data_pipeline.config import DownloadConfig
-from data_pipeline.filter import EXTRA_COLUMNS
+from data_pipeline.layout import EXTRA_COLUMNS, RunLayout
 from data_pipeline.sharding import TaskSlice
 
 
@@ -70,7 +70,7 @@ def test_download_skips_done_parts_retries_failed_rows_and_splits_by_task(tmp_pa
     retry_rows = pd.read_parquet(tmp_path / "download" / "_retry" / "p00000r1.parquet")
     assert retry_rows["url"].tolist() == ["bad1", "bad2"]
     assert list(retry_rows.columns) == ["url", "caption", *EXTRA_COLUMNS]
-    assert [p.name for p in dl.download_units(tmp_path / "download", "p00000")] == ["p00000", "p00000r1"]
+    assert [p.name for p in RunLayout(tmp_path).download_folders("p00000")] == ["p00000", "p00000r1"]
     done = json.loads((tmp_path / "state" / "download" / "p00000.json").read_text())
     assert done["successes"] == 2 and done["shards"] == 1
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from brushnet.brushdata import load_index
-from data_pipeline.chain import run_chain
+from data_pipeline.cli import run_chain
 from data_pipeline.config import config_from_dict
 from data_pipeline.download import read_stats
-from data_pipeline.http_server import serve_folder
-from data_pipeline.tools.demo import PHOTOS, DemoRow, build_photo_site, demo_filtered_rows, write_metadata
+from data_pipeline.tools.http_server import serve_folder
+from data_pipeline.tools.photos import PHOTOS, DemoRow, build_photo_site, demo_filtered_rows, write_metadata
 from tests.data_pipeline.helpers import jpeg, photo
 
 REPO = Path(__file__).resolve().parents[2]
