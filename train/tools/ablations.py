@@ -1,0 +1,291 @@
+"""``python -m train.tools.ablations`` (``make ablations``): the paper's ablations as a rerunnable study.
+
+Every variant of ``configs/ablations/`` is trained with ``brushnet-train fit`` (as a subprocess, the way a user
+runs it) for the same budget, on the same data, base and seeds, then evaluated on held-out photo crops with
+known ground truth (:mod:`brushnet.testing.heldout`): PSNR / MSE inside the hole against the ground truth and
+on the preserved region against the input (:func:`brushnet.evaluation.metrics.preserved_region_errors`, the
+metric ``brushnet evaluate`` reports). The blending ablation needs no training: it re-runs the ``brushnet``
+variant's branches with blurred blending, a hard paste and no blending. Results go to ``<out>/results.json``
+(one record per variant and seed), ``<out>/ablations.md`` (mean ± std over seeds) and
+``<out>/plots/<metric>.png``.
+
+Resumable: a finished run leaves ``<run>/result.json`` and is skipped; a killed training run resumes from its
+newest checkpoint (``--ckpt_path auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brushnet.atomic import atomic_write_text
+from brushnet.evaluation.metrics import preserved_region_errors
+from brushnet.testing.heldout import HeldOutCase, held_out_cases
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs" / "ablations"
+BASE_CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
+TRAINED = [
+    "brushnet",
+    "half_injection",
+    "controlnet_injection",
+    "conv_encoder",
+    "cross_attention",
+    "single_branch",
+]
+BLENDING = {"blend_blur": {"blend": True, "blur_size": 21}, "blend_paste": {"blend": True, "blur_size": 0}}
+BLENDING["no_blend"] = {"blend": False, "blur_size": 21}
+METRICS = ["hole_psnr", "hole_mse", "preserved_psnr", "preserved_mse"]
+HIGHER_IS_BETTER = {"hole_psnr": True, "hole_mse": False, "preserved_psnr": True, "preserved_mse": False}
+PSNR_CAP = 60.0  # dB: an exactly preserved region (hard paste) has infinite PSNR; capped for means and plots
+log = logging.getLogger("train.tools.ablations")
+
+
+def train_variant(variant: str, seed: int, run: Path, base: str, data_args: list[str], steps: int) -> Path:
+    """Train one variant and seed with ``brushnet-train fit``; the export folder of its last step."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "fit",
+        "--config",
+        str(BASE_CONFIG),
+        "--config",
+        str(CONFIGS / f"{variant}.yaml"),
+        f"--seed_everything={seed}",  # also seeds the model's and the data's randomness (linked)
+        f"--model.pretrained_model_name_or_path={base}",
+        f"--trainer.default_root_dir={run}",
+        f"--trainer.max_steps={steps}",
+        *data_args,
+        "--ckpt_path=auto",
+    ]
+    log.info("training %s seed %d: %s", variant, seed, " ".join(cmd))
+    done = subprocess.run(cmd, cwd=run, check=False, capture_output=True, text=True)
+    (run / "train.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"training {variant} seed {seed} failed (exit {done.returncode}): see {run / 'train.log'}"
+        )
+    exports = sorted(run.glob("**/export/step-*/brushnet"))
+    if not exports:
+        raise RuntimeError(f"training {variant} seed {seed} wrote no export under {run}")
+    return exports[-1]
+
+
+def _scores(outputs: list[np.ndarray], cases: list[HeldOutCase]) -> dict[str, float]:
+    hole = [preserved_region_errors(c.image, o, c.hole) for o, c in zip(outputs, cases)]
+    kept = [preserved_region_errors(c.image, o, ~c.hole) for o, c in zip(outputs, cases)]
+    hole_mse, kept_mse = float(np.mean([e.mse for e in hole])), float(np.mean([e.mse for e in kept]))
+    psnr = lambda mse: PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) else 10 * math.log10(1 / mse)  # noqa: E731
+    return {
+        "hole_psnr": psnr(hole_mse),
+        "hole_mse": hole_mse,
+        "preserved_psnr": psnr(kept_mse),
+        "preserved_mse": kept_mse,
+    }
+
+
+def _pipeline(variant: str, base: str, export: Path):
+    if variant == "single_branch":
+        from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(export)
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(
+            base, unet=unet, safety_checker=None, requires_safety_checker=False
+        )
+    else:
+        from brushnet.pipeline import BrushNetInpaintPipeline
+
+        pipe = BrushNetInpaintPipeline.from_base(base, export)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def inpaint(variant: str, pipe, cases: list[HeldOutCase], steps: int, **blending) -> list[np.ndarray]:
+    """One output per case, seeded per case (the same seeds for every variant)."""
+    from brushnet.single_branch import inpaint_single_branch
+
+    outputs = []
+    for i, case in enumerate(cases):
+        if variant == "single_branch":
+            out = inpaint_single_branch(
+                pipe, case.caption, case.image, case.hole, steps=steps, guidance_scale=1.0, seed=i, **blending
+            )
+        else:
+            result = pipe(
+                case.caption,
+                case.image,
+                case.hole,
+                num_inference_steps=steps,
+                guidance_scale=1.0,
+                generator=torch.Generator().manual_seed(i),
+                output_type="np",
+                **blending,
+            )
+            out = result.images[0]
+        outputs.append(out)
+    return outputs
+
+
+def evaluate_variant(variant: str, base: str, export: Path, cases: list[HeldOutCase], steps: int) -> dict:
+    """Scores of one trained run; the ``brushnet`` variant also scores every blending mode."""
+    pipe = _pipeline(variant, base, export)
+    with torch.no_grad():
+        if variant != "brushnet":
+            return {variant: _scores(inpaint(variant, pipe, cases, steps, **BLENDING["blend_blur"]), cases)}
+        return {
+            name: _scores(inpaint(variant, pipe, cases, steps, **kw), cases) for name, kw in BLENDING.items()
+        }
+
+
+def summarise(records: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{variant: {metric: (mean, std, n)}}`` over seeds."""
+    by_variant: dict[str, dict[str, list[float]]] = {}
+    for rec in records:
+        for metric, value in rec["scores"].items():
+            by_variant.setdefault(rec["variant"], {}).setdefault(metric, []).append(value)
+    return {
+        v: {
+            m: (float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0, len(x))
+            for m, x in ms.items()
+        }
+        for v, ms in by_variant.items()
+    }
+
+
+def markdown_table(summary: dict, budget: str) -> str:
+    lines = [
+        f"Budget: {budget}. Mean ± std over seeds; hole = inside the mask vs the ground truth, preserved = "
+        f"outside the mask vs the input (PSNR capped at {PSNR_CAP:g} dB).",
+        "",
+        "| variant | seeds | " + " | ".join(METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for variant, metrics in summary.items():
+        n = next(iter(metrics.values()))[2]
+        cells = [f"{metrics[m][0]:.4g} ± {metrics[m][1]:.2g}" for m in METRICS]
+        lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_plots(summary: dict, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    names = list(summary)
+    for metric in METRICS:
+        means = [summary[v][metric][0] for v in names]
+        stds = [summary[v][metric][1] for v in names]
+        fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
+        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c78a8")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+        ax.set_title(f"{metric} ({better} is better)")
+        fig.tight_layout()
+        path = folder / f"{metric}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run_study(
+    out: Path,
+    base: str,
+    data_args: list[str],
+    variants: list[str],
+    seeds: list[int],
+    steps: int,
+    cases: int,
+    eval_steps: int,
+) -> dict:
+    """Train and evaluate every (variant, seed) not done yet; write the results, table and plots."""
+    held_out = held_out_cases(n=cases)
+    records = []
+    for variant in variants:
+        for seed in seeds:
+            run = out / variant / f"seed-{seed}"
+            done = run / "result.json"
+            if done.is_file():
+                records += json.loads(done.read_text())
+                continue
+            run.mkdir(parents=True, exist_ok=True)
+            export = train_variant(variant, seed, run, base, data_args, steps)
+            scores = evaluate_variant(variant, base, export, held_out, eval_steps)
+            recs = [
+                {"variant": v, "seed": seed, "trained_as": variant, "scores": s} for v, s in scores.items()
+            ]
+            atomic_write_text(done, json.dumps(recs, indent=2))
+            records += recs
+            log.info("%s seed %d: %s", variant, seed, scores)
+    summary = summarise(records)
+    budget = f"{steps} steps x batch 4 at 64 px per run, {len(held_out)} held-out cases, {eval_steps} sampling steps"
+    atomic_write_text(out / "results.json", json.dumps({"budget": budget, "records": records}, indent=2))
+    atomic_write_text(out / "ablations.md", markdown_table(summary, budget))
+    bar_plots(summary, out / "plots")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.tools.ablations", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/ablations"), help="study folder (resumable)")
+    parser.add_argument(
+        "--base", default=None, help="base model folder (default: the shipped tiny photo base)"
+    )
+    parser.add_argument("--index", default=None, help="BrushData index.json (default: build the demo data)")
+    parser.add_argument("--variants", default=",".join(TRAINED), help=f"comma-separated, from {TRAINED}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+    parser.add_argument("--cases", type=int, default=16, help="held-out evaluation cases")
+    parser.add_argument("--eval-steps", type=int, default=10, help="sampling steps per inpainting")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    unknown = sorted(set(args.variants.split(",")) - set(TRAINED))
+    if unknown:
+        print(f"error: unknown variants {unknown}; expected some of {TRAINED}", file=sys.stderr)
+        return 2
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.base is None:
+        from brushnet.testing.tiny_base import pretrained_tiny_base
+
+        args.base = str(pretrained_tiny_base())
+    if args.index:
+        data_args = ["--data.index", str(Path(args.index).resolve())]
+    else:
+        from train.tools.demo import build_data
+
+        data_args = build_data(out / "data")
+    if "--data.index" in data_args:
+        data_args.append("--data.train_shards=null")  # the base config names the demo's shard folder
+    summary = run_study(
+        out,
+        args.base,
+        data_args,
+        args.variants.split(","),
+        [int(s) for s in args.seeds.split(",")],
+        args.steps,
+        args.cases,
+        args.eval_steps,
+    )
+    print((out / "ablations.md").read_text())
+    print(f"results: {out / 'results.json'}; plots: {out / 'plots'}; variants: {list(summary)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
