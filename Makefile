@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint format demo data slurm-check bench clean
+.PHONY: install test test-slow test-all lint format demo data slurm-check bench ablations clean
 
 install: $(STAMP)
 
@@ -47,6 +47,12 @@ format: install
 BASE ?=
 demo: install
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python -m train.tools.demo $(if $(BASE),--base $(BASE))
+
+# `make ablations`: the paper's ablations (configs/ablations/) trained and evaluated on the tiny photo base,
+# 3 seeds each, resumable; ABLATION_ARGS="--steps 600 --seeds 0,1,2,3,4" etc. (python -m train.tools.ablations -h)
+ABLATION_ARGS ?=
+ablations: install
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python -m train.tools.ablations $(ABLATION_ARGS)
 
 # `make data`: the embedded default builds a small real BrushData set offline (loopback HTTP server);
 # `make data CONFIG=configs/data/laion_aesthetic_6plus.yaml METADATA=...` runs the real thing.
