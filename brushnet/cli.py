@@ -59,6 +59,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="processing width (multiple of 8; default: image)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's, one per core; 1 is fastest on a busy machine)",
+    )
+    p.add_argument(
         "--dtype", choices=sorted(_DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu"
     )
     p.add_argument("--variant", default=None, help="weights variant of the base, e.g. fp16")
@@ -88,6 +94,10 @@ def inpaint(args: argparse.Namespace) -> Path:
     from brushnet.pipeline import BrushNetInpaintPipeline
 
     _check_inputs(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, _DTYPES[dtype_name])

@@ -1,5 +1,5 @@
 """Validation grids: every N steps, inpaint fixed (image, mask, prompt) samples with the module's own
-components and log/save one grid per sample: masked input | mask | output | blended."""
+components and log/save one labelled grid per sample: masked input | mask | output | blended | ground truth."""
 
 from __future__ import annotations
 
@@ -67,8 +67,16 @@ def _center_square(image: PIL.Image.Image, size: int, resample) -> PIL.Image.Ima
     return image.crop((left, top, left + s, top + s)).resize((size, size), resample)
 
 
-def validation_grid(image, mask, output) -> PIL.Image.Image:
-    """masked input | mask | output | blended, side by side."""
+PANELS = ("masked input", "mask", "output", "blended", "ground truth")
+
+
+def validation_grid(
+    image, mask, output, caption: str = "", step: int | None = None, min_panel: int = 192
+) -> PIL.Image.Image:
+    """masked input | mask | output | blended | ground truth, side by side under their labels, upscaled with
+    nearest neighbour to at least ``min_panel`` px, with the caption and the step written below."""
+    from PIL import ImageDraw
+
     from brushnet.masks import blurred_blend
 
     rgb = np.asarray(image.convert("RGB"))
@@ -77,7 +85,18 @@ def validation_grid(image, mask, output) -> PIL.Image.Image:
     masked = rgb * (~inpaint)[..., None].astype(np.uint8)
     mask_rgb = np.repeat((inpaint * 255).astype(np.uint8)[..., None], 3, -1)
     blended = blurred_blend(rgb, out, inpaint)
-    return PIL.Image.fromarray(np.concatenate([masked, mask_rgb, out, blended], axis=1))
+    row = np.concatenate([masked, mask_rgb, out, blended, rgb], axis=1)
+    scale = max(1, -(-min_panel // rgb.shape[0]))
+    row = row.repeat(scale, axis=0).repeat(scale, axis=1)
+    panel_w, bar = rgb.shape[1] * scale, 18
+    grid = PIL.Image.new("RGB", (row.shape[1], row.shape[0] + 2 * bar), "white")
+    grid.paste(PIL.Image.fromarray(row), (0, bar))
+    draw = ImageDraw.Draw(grid)
+    for i, label in enumerate(PANELS):
+        draw.text((i * panel_w + 4, 3), label, fill="black")
+    footer = caption if step is None else f"{caption}  (step {step})"
+    draw.text((4, row.shape[0] + bar + 3), footer, fill="black")
+    return grid
 
 
 def bounded_barrier(key: str, rank: int, world_size: int, timeout_s: float) -> None:
@@ -224,7 +243,7 @@ class ValidationGrids(L.Callback):
                 ).images[0]
                 if not write:
                     continue
-                grid = validation_grid(image, mask, output)
+                grid = validation_grid(image, mask, output, s.prompt, trainer.global_step)
                 path = folder / f"{i:02d}.png"
                 tmp = folder / f".{i:02d}.png.partial"
                 grid.save(tmp, format="PNG")
@@ -237,7 +256,7 @@ class ValidationGrids(L.Callback):
             pl_module.train(pl_module.training)  # re-apply the module's eval rules for frozen parts
         if not write:
             return
-        log.info("validation grids (masked input | mask | output | blended) at %s", folder)
+        log.info("validation grids (%s) at %s", " | ".join(PANELS), folder)
         self._log_images(trainer, grids, trainer.global_step)
 
     @staticmethod
@@ -247,7 +266,10 @@ class ValidationGrids(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(
-                    "validation", [g for _, g in grids], step=step, caption=[p for p, _ in grids]
+                    "validation",
+                    [g for _, g in grids],
+                    step=step,
+                    caption=[f"{p} (step {step})" for p, _ in grids],
                 )
             elif isinstance(logger, TensorBoardLogger):
                 for i, (_, g) in enumerate(grids):

@@ -50,7 +50,8 @@ def test_fit_checkpoints_exports_grids_and_resumes(tmp_path, tiny_base_sd15, dat
         assert torch.equal(ema.state_dict()[k], e), k
     assert not any(p.name.startswith(".") for p in (run / "export").iterdir())  # no temp leftovers
     grid = PIL.Image.open(log_dir / "validation" / "step-00000004" / "00.png")
-    assert grid.size == (4 * 32, 32)  # masked input | mask | output | blended
+    # masked input | mask | output | blended | ground truth, 32 px panels upscaled x6, label and caption bars
+    assert grid.size == (5 * 32 * 6, 32 * 6 + 2 * 18)
     rows = _metrics(log_dir)
     logged = {k for r in rows for k, v in r.items() if v}
     assert {

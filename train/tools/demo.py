@@ -1,12 +1,14 @@
-"""``make demo``: the whole training path offline on CPU in a few minutes.
+"""``make demo``: the whole training path offline on CPU in a few minutes, and a measured result.
 
-1. a tiny random base model with the real CLIP BPE vocabulary (``brushnet.testing.tiny.build_tiny_base``), or the
-   base given with ``--base`` (``make demo BASE=<hub id or folder>``);
+1. the base: the shipped tiny base trained on photographs (``brushnet.testing.tiny_base``), or ``--base`` (``make
+   demo BASE=<hub id or folder>``), resolved before anything is written;
 2. a small BrushData set of real photographs from ``skimage.data``: through the data pipeline's own CLI
    (``python -m data_pipeline demo``) when it is installed, else written here with classical masks;
-3. ``brushnet-train fit --config configs/tiny_cpu.yaml`` with those paths: a few hundred steps, checkpoints,
-   diffusers exports of the branch and its EMA, validation grids;
-4. a summary of where everything is.
+3. ``brushnet-train fit --config configs/tiny_cpu.yaml --config <run>/demo.yaml --ckpt_path auto`` in a new run
+   folder ``<out>/runs/NNN`` (or the newest unfinished one, which it resumes): checkpoints, exports, grids;
+4. on crops of held-out photos (in neither the base's nor the branch's training set), the PSNR / MSE inside the
+   hole of base + trained branch against the base alone (zero branch) and the untrained branch, saved as
+   ``<run>/results.json``; then a summary with a resume command and a quick ``brushnet inpaint`` command.
 """
 
 from __future__ import annotations
@@ -14,50 +16,23 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import json
 import logging
 import os
-import shutil
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 log = logging.getLogger("train.tools.demo")
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
-PHOTOS = {
-    "astronaut": "an astronaut in a white suit",
-    "coffee": "a cup of coffee on a saucer",
-    "chelsea": "a tabby cat",
-    "rocket": "a rocket on a launch pad",
-    "hubble_deep_field": "galaxies in deep space",
-    "immunohistochemistry": "stained cells under a microscope",
-    "cat": "a cat looking at the camera",
-    "retina": "a photograph of a retina",
-    "motorcycle_left": "a red motorcycle",
-    "colorwheel": "a colour wheel",
-}
-
-
-def _photo(name: str, size: int) -> np.ndarray | None:
-    import PIL.Image
-    import skimage.data
-
-    try:
-        arr = np.asarray(getattr(skimage.data, name)())
-    except Exception:  # some photos need pooch downloads; skip what is not shipped
-        return None
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, -1)
-    arr = arr[..., :3].astype(np.uint8)
-    image = PIL.Image.fromarray(arr)
-    scale = size / min(image.size)
-    return np.asarray(
-        image.resize((round(image.width * scale), round(image.height * scale)), PIL.Image.BICUBIC)
-    )
+BIN = Path(sys.executable).parent
 
 
 def classical_masks(rgb: np.ndarray, max_masks: int = 4) -> list[np.ndarray]:
@@ -83,20 +58,19 @@ def classical_masks(rgb: np.ndarray, max_masks: int = 4) -> list[np.ndarray]:
 
 
 def write_demo_shards(folder: Path, size: int = 256, repeats: int = 4) -> Path:
-    """BrushData shards of skimage photos (each photo ``repeats`` times) written with ``ShardWriter``."""
+    """BrushData shards of the training photos (each ``repeats`` times) written with ``ShardWriter``."""
     import PIL.Image
 
     from brushnet.brushdata import BrushDataSample, ShardWriter
     from brushnet.masks import brushdata_rle_encode
+    from brushnet.testing.photos import TRAIN_PHOTOS, load_photo, resize_short_side
 
     folder.mkdir(parents=True, exist_ok=True)
     n = 0
     with ShardWriter(folder, "demo-000000") as writer:
         for r in range(repeats):
-            for name, caption in PHOTOS.items():
-                rgb = _photo(name, size)
-                if rgb is None:
-                    continue
+            for name, caption in TRAIN_PHOTOS.items():
+                rgb = resize_short_side(load_photo(name), size)
                 buf = io.BytesIO()
                 PIL.Image.fromarray(rgb).save(buf, format="JPEG", quality=92)
                 writer.write(
@@ -137,16 +111,189 @@ def build_data(out: Path, timeout_s: float = 240.0) -> list[str]:
     return ["--data.train_shards", str(shards)]
 
 
-def build_base(out: Path, base: str | None) -> str:
-    if base:
-        return base
-    from brushnet.testing.tiny import build_tiny_base
+def resolve_base(base: str | None) -> str:
+    """A local folder for the base; a bad ``--base`` fails here, before any run folder is touched."""
+    if not base:
+        from brushnet.testing.tiny_base import pretrained_tiny_base
 
-    folder = out / "base"
-    if not (folder / "model_index.json").is_file():
-        log.info("building a tiny random base model with the real CLIP vocabulary at %s", folder)
-        build_tiny_base(folder, kind="sd15", vocab="clip")
-    return str(folder)
+        return str(pretrained_tiny_base())
+    from brushnet.loading import resolve_pretrained
+
+    return str(resolve_pretrained(base))
+
+
+def _has_checkpoint(run: Path) -> bool:
+    return (run / "checkpoints" / "last.ckpt").is_file() or any(run.glob("hpc_ckpt_*.ckpt"))
+
+
+def choose_run(out: Path, run: Path | None = None, new: bool = False) -> Path:
+    """``run`` if given; else the newest ``<out>/runs/NNN`` without ``results.json`` (it is resumed or
+    restarted), unless ``new``; else the next ``NNN``. Nothing is ever deleted."""
+    if run is not None:
+        return run.resolve()
+    runs = sorted(p for p in (out / "runs").glob("[0-9][0-9][0-9]") if p.is_dir())
+    if runs and not new and not (runs[-1] / "results.json").is_file():
+        return runs[-1]
+    return out / "runs" / f"{int(runs[-1].name) + 1 if runs else 1:03d}"
+
+
+def write_overlay(run: Path, base: str, data_args: list[str], resolution: int, steps: int | None) -> Path:
+    """``<run>/demo.yaml``: the base, data, run folder, steps and validation samples of this run, on top of
+    ``tiny_cpu.yaml`` (a later ``--config`` replaces the values it names; ``trainer.callbacks`` as a whole)."""
+    from brushnet.atomic import atomic_write_text
+
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    callbacks = config["trainer"]["callbacks"]
+    heldout = run / "inputs"
+    for cb in callbacks:
+        if cb["class_path"].endswith("ValidationGrids"):
+            cb["init_args"]["resolution"] = resolution
+            cb["init_args"]["samples"] = [
+                {
+                    "image": str(heldout / "image.png"),
+                    "mask": str(heldout / "mask.png"),
+                    "prompt": _caption(run),
+                },
+                {"image": "skimage:astronaut", "mask": "box:0.3,0.2,0.7,0.6", "prompt": "an astronaut"},
+            ]
+    key, value = data_args[0].removeprefix("--data."), data_args[1]
+    data = {"resolution": resolution, key: value}
+    if key == "index":
+        data["train_shards"] = None
+    trainer = {"default_root_dir": str(run), "callbacks": callbacks}
+    if steps:
+        trainer["max_steps"] = steps
+    overlay = {"model": {"pretrained_model_name_or_path": base}, "data": data, "trainer": trainer}
+    path = run / "demo.yaml"
+    atomic_write_text(path, "# written by train/tools/demo.py\n" + yaml.safe_dump(overlay, sort_keys=False))
+    return path
+
+
+def _caption(run: Path) -> str:
+    return (run / "inputs" / "prompt.txt").read_text().strip()
+
+
+def write_inputs(run: Path, resolution: int) -> None:
+    """A held-out crop, a box mask and its caption under ``<run>/inputs`` (validation grid and inpaint example)."""
+    import PIL.Image
+
+    from brushnet.atomic import atomic_write_text, save_image_atomic
+    from brushnet.testing.heldout import held_out_cases
+
+    case = held_out_cases(n=1, size=resolution, seed=1)[0]
+    (run / "inputs").mkdir(parents=True, exist_ok=True)
+    save_image_atomic(PIL.Image.fromarray(case.image), run / "inputs" / "image.png")
+    save_image_atomic(PIL.Image.fromarray((case.hole * 255).astype(np.uint8)), run / "inputs" / "mask.png")
+    atomic_write_text(run / "inputs" / "prompt.txt", case.caption + "\n")
+
+
+def train_command(run: Path, threads: int | None, extra: list[str]) -> list[str]:
+    env = [f"OMP_NUM_THREADS={threads}"] if threads else []
+    return [
+        *env,
+        str(BIN / "brushnet-train"),
+        "fit",
+        "--config",
+        str(TINY_CONFIG),
+        "--config",
+        str(run / "demo.yaml"),
+        "--ckpt_path",
+        "auto",
+        *extra,
+    ]
+
+
+def run_training(cmd: list[str]) -> int:
+    env = dict(os.environ)
+    while cmd and "=" in cmd[0] and not cmd[0].startswith("/"):
+        name, value = cmd[0].split("=", 1)
+        env[name] = value
+        cmd = cmd[1:]
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def newest_export(run: Path) -> Path | None:
+    exports = sorted((run / "export").glob("step-*/brushnet"))
+    return exports[-1].parent if exports else None
+
+
+def evaluate_run(run: Path, base: str, export: Path, cases: int, steps: int, resolution: int) -> dict:
+    """Held-out hole scores of the trained branch (and EMA) vs base alone and the untrained branch."""
+    from brushnet.atomic import atomic_write_text
+    from brushnet.testing.heldout import compare_branches, held_out_cases, untrained_branch
+    from brushnet.testing.photos import HELD_OUT_PHOTOS
+
+    held_out = held_out_cases(n=cases, size=resolution)
+    branches = {"trained branch": export / "brushnet"}
+    if (export / "brushnet_ema").is_dir():
+        branches["trained branch (EMA)"] = export / "brushnet_ema"
+    branches["untrained branch"] = untrained_branch(base)
+    scores = compare_branches(base, branches, held_out, steps=steps)
+    results = {
+        "export": str(export),
+        "held_out_photos": list(HELD_OUT_PHOTOS),
+        "cases": cases,
+        "resolution": resolution,
+        "inference_steps": steps,
+        "scores": scores,
+        "psnr_gain_db_vs_base_alone": scores["trained branch"]["psnr_db"] - scores["base alone"]["psnr_db"],
+        "psnr_gain_db_vs_untrained": scores["trained branch"]["psnr_db"]
+        - scores["untrained branch"]["psnr_db"],
+    }
+    atomic_write_text(run / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _print_summary(
+    run: Path, base: str, export: Path | None, results: dict | None, cmd: list[str], took: float
+):
+    grids = sorted(run.glob("logs/*/validation/step-*"))
+    print(f"\n=== BrushNet demo finished in {took:.0f} s ===")
+    print(f"base model       : {base}")
+    print(f"run folder       : {run}")
+    print(f"exported branch  : {export} (brushnet/, brushnet_ema/)")
+    print(
+        f"validation grids : {grids[-1] if grids else 'none'} (masked input | mask | output | blended | truth)"
+    )
+    if results:
+        print(
+            f"held-out inpainting, {results['cases']} crops of {', '.join(results['held_out_photos'])} "
+            f"(not in any training set), {results['inference_steps']} steps; inside the hole:"
+        )
+        for name, s in results["scores"].items():
+            print(f"  {name:22s}: PSNR {s['psnr_db']:6.2f} dB   MSE {s['mse']:.4f}")
+        print(
+            f"  trained - base alone  : {results['psnr_gain_db_vs_base_alone']:+.2f} dB;  trained - untrained: "
+            f"{results['psnr_gain_db_vs_untrained']:+.2f} dB  ({run / 'results.json'})"
+        )
+    steps = int(export.name.split("-")[1]) if export else 0
+    print(f"train 100 more steps:\n  {shlex.join([*cmd, f'--trainer.max_steps={steps + 100}'])}")
+    if export:
+        inpaint = [
+            str(BIN / "brushnet"),
+            "inpaint",
+            "--base",
+            base,
+            "--brushnet",
+            str(export / "brushnet_ema"),
+            "--image",
+            str(run / "inputs" / "image.png"),
+            "--mask",
+            str(run / "inputs" / "mask.png"),
+            "--prompt",
+            _caption(run),
+            "--steps",
+            "20",
+            "--guidance",
+            "1.0",
+            "--seed",
+            "0",
+            "--threads",
+            "1",
+            "--out",
+            str(run / "inpaint.png"),
+        ]
+        print(f"inpaint a held-out crop (seconds):\n  {shlex.join(inpaint)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         "--base", default=os.environ.get("BASE") or None, help="hub id or folder of a real base"
     )
     parser.add_argument(
+        "--run", type=Path, default=None, help="run folder to resume or start (default: see above)"
+    )
+    parser.add_argument(
+        "--new", action="store_true", help="start a new run folder even if the newest is unfinished"
+    )
+    parser.add_argument(
         "--steps", type=int, default=None, help="training steps (default: tiny_cpu.yaml's 300)"
     )
     parser.add_argument(
@@ -171,62 +324,53 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch intra-op threads (default: 1 for the tiny CPU demo, torch's default with --base)",
     )
+    parser.add_argument(
+        "--eval-cases", type=int, default=None, help="held-out crops to score (default 16; 0 with --base)"
+    )
+    parser.add_argument("--eval-steps", type=int, default=10, help="sampling steps per held-out crop")
     parser.add_argument("extra", nargs="*", help="more LightningCLI arguments, e.g. --trainer.max_steps=50")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
+    # The tiny model's ops are far too small to gain from intra-op parallelism: with torch's default (one
+    # thread per core) on a 2-core machine that is also busy, every op waits at OpenMP barriers for a
+    # descheduled thread, measured at 2-8 s per step instead of 0.12 s with one thread.
     threads = args.threads or (None if args.base else 1)
     if threads:
-        # The tiny model's ops are far too small to gain from intra-op parallelism: with torch's default
-        # (one thread per core) on a 2-core machine that is also busy, every op waits at OpenMP barriers for
-        # a descheduled thread, measured at 2-8 s per step instead of 0.12 s with one thread.
         import torch
 
         torch.set_num_threads(threads)
+    from brushnet.loading import BaseModelError
+
+    try:
+        base = resolve_base(args.base)
+    except (BaseModelError, FileNotFoundError) as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = build_base(out, args.base)
     data_args = build_data(out)
-    run = out / "run"
-    shutil.rmtree(run, ignore_errors=True)  # every demo run starts fresh
+    run = choose_run(out, args.run, args.new)
     resolution = args.resolution or (512 if args.base else 64)
-    cli_args = [
-        "--config",
-        str(TINY_CONFIG),
-        "--model.pretrained_model_name_or_path",
-        base,
-        *data_args,
-        f"--data.resolution={resolution}",
-        f"--trainer.default_root_dir={run}",
-        f"--trainer.logger.init_args.save_dir={run}",
-        *(["--data.train_shards=null"] if data_args[0] == "--data.index" else []),
-        *([f"--trainer.max_steps={args.steps}"] if args.steps else []),
-        *(["--trainer.accelerator=auto"] if args.base else []),
-        *args.extra,
-    ]
-    from train.cli import main as cli_main
-    from train.validation import ValidationGrids
-
-    cli = cli_main(cli_args, run=False)
-    trainer = cli.trainer
-    for cb in trainer.callbacks:  # validation grids at the demo's resolution
-        if isinstance(cb, ValidationGrids):
-            cb.resolution = resolution
-    trainer.fit(cli.model, datamodule=cli.datamodule)
-    ckpt = trainer.checkpoint_callback
-    grids = sorted({str(p.parent) for cb in trainer.callbacks for p in getattr(cb, "written", [])})
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    print("\n=== BrushNet demo finished in %.0f s ===" % (time.perf_counter() - start))
-    print(f"base model          : {base}")
-    print(f"training data       : {' '.join(data_args)}")
-    print(f"steps               : {trainer.global_step}")
-    print(f"final metrics       : {metrics}")
-    print(f"resolved config     : {Path(trainer.log_dir or run) / 'config.yaml'}")
-    print(f"logs (CSV)          : {trainer.log_dir}")
-    print(f"last checkpoint     : {getattr(ckpt, 'last_model_path', None)}")
-    print(f"exported branch     : {getattr(ckpt, 'last_export', None)} (brushnet/, brushnet_ema/)")
-    print(f"validation grids    : {', '.join(grids) or 'none'}")
-    print(f"resume              : python -m train fit --config {TINY_CONFIG} ... --ckpt_path last")
+    resuming = _has_checkpoint(run)
+    log.info("%s run folder %s", "resuming" if resuming else "starting", run)
+    if not (run / "inputs" / "prompt.txt").is_file():
+        write_inputs(run, resolution)
+    write_overlay(run, base, data_args, resolution, args.steps)
+    extra = [*(["--trainer.accelerator=auto"] if args.base else []), *args.extra]
+    cmd = train_command(run, threads, extra)
+    code = run_training(cmd)
+    if code != 0:
+        print(
+            f"demo: error: training exited with status {code}; the run folder {run} is kept", file=sys.stderr
+        )
+        return code
+    export = newest_export(run)
+    cases = args.eval_cases if args.eval_cases is not None else (0 if args.base else 16)
+    results = None
+    if export and cases > 0:
+        results = evaluate_run(run, base, export, cases, args.eval_steps, resolution)
+    _print_summary(run, base, export, results, cmd, time.perf_counter() - start)
     return 0
 
 
