@@ -10,12 +10,14 @@ from typing import Any
 __all__ = [
     "BrushNetInpaintPipeline",
     "BrushNetModel",
+    "BrushNetOutput",
     "brushnet_residuals",
     "unet_forward_with_brushnet",
 ]
 
 _WHERE = {
     "BrushNetModel": "brushnet.model",
+    "BrushNetOutput": "brushnet.model",
     "unet_forward_with_brushnet": "brushnet.injection",
     "brushnet_residuals": "brushnet.injection",
     "BrushNetInpaintPipeline": "brushnet.pipeline",

@@ -1,6 +1,6 @@
-"""Per-step branch scale and the branch's residuals under classifier-free guidance, for
-:class:`brushnet.pipeline.BrushNetInpaintPipeline` (rules of the official BrushNet / diffusers' ControlNet
-pipelines)."""
+"""The UNet's prediction with a BrushNet branch (:func:`predict_with_branch`, for the trainer and the
+pipeline alike), the per-step branch scale and the branch under classifier-free guidance (rules of the
+official BrushNet / diffusers' ControlNet pipelines)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from brushnet.injection import unet_forward_with_brushnet
 from brushnet.model import BrushNetModel, Residuals
 
 
@@ -66,3 +67,34 @@ def branch_residuals(
         mid = torch.cat([torch.zeros_like(mid), mid])
         up = [torch.cat([torch.zeros_like(u), u]) for u in up]
     return down, mid, up
+
+
+def predict_with_branch(
+    unet,
+    brushnet: BrushNetModel,
+    sample: torch.Tensor,
+    t: torch.Tensor,
+    embeds: torch.Tensor,
+    cond: torch.Tensor,
+    added_cond: dict[str, torch.Tensor] | None = None,
+    *,
+    scale: float | list[float] = 1.0,
+    cfg: bool = False,
+    guess_mode: bool = False,
+) -> torch.Tensor:
+    """The frozen ``unet``'s prediction for ``sample`` with the residuals of ``brushnet`` (which reads
+    ``cond`` = :func:`brushnet.injection.branch_condition`) added as its ``injection`` config says."""
+    down, mid, up = branch_residuals(
+        brushnet, sample, t, embeds, cond, scale, added_cond, cfg=cfg, guess_mode=guess_mode
+    )
+    return unet_forward_with_brushnet(
+        unet,
+        sample.to(unet.dtype),
+        t,
+        embeds,
+        down_block_add_samples=down,
+        mid_block_add_sample=mid,
+        up_block_add_samples=up,
+        added_cond_kwargs=added_cond,
+        injection=brushnet.config.get("injection", "full"),
+    )

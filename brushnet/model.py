@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
 from torch import nn
 
 from brushnet.branch_blocks import MidBlock2D, build_blocks, walk_down, walk_mid, walk_up
@@ -33,7 +34,18 @@ Residuals = tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]
 ABLATION_DEFAULTS = {"injection": "full", "condition_encoder": "vae"}
 INJECTIONS = ("full", "half", "controlnet")
 CONDITION_ENCODERS = ("vae", "conv")
-__all__ = ["ABLATION_DEFAULTS", "BrushNetModel", "MidBlock2D", "Residuals"]
+__all__ = ["ABLATION_DEFAULTS", "BrushNetModel", "BrushNetOutput", "MidBlock2D", "Residuals"]
+
+
+@dataclass
+class BrushNetOutput(BaseOutput):
+    """The branch's scaled residuals for the frozen UNet: one per down-block output, the mid block, one per
+    up-block output. Field names as the official ``BrushNetOutput``; declared in the order of the
+    ``return_dict=False`` tuple, so ``to_tuple()`` gives ``(down, mid, up)`` (official: ``up`` first)."""
+
+    down_block_res_samples: list[torch.Tensor]
+    mid_block_res_sample: torch.Tensor
+    up_block_res_samples: list[torch.Tensor]
 
 
 def _zero_conv(channels: int) -> nn.Conv2d:
@@ -319,10 +331,10 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         conditioning_scale: float | Sequence[float] = 1.0,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         guess_mode: bool = False,
-        return_dict: bool = False,
-        **unused: Any,
-    ) -> Residuals | dict[str, Any]:
-        """Per-layer residuals ``(down list, mid, up list)`` for the frozen UNet, each times its scale.
+        return_dict: bool = True,
+    ) -> BrushNetOutput | Residuals:
+        """Per-layer residuals for the frozen UNet, each times its scale: a :class:`BrushNetOutput`, or the
+        tuple ``(down list, mid, up list)`` with ``return_dict=False``.
 
         ``brushnet_cond`` is ``cat([masked_image_latents, mask], 1)`` with mask 1 = keep (``condition_encoder=
         "conv"``: ``cat([masked image in [-1, 1], mask], 1)`` at pixel size, see
@@ -362,25 +374,18 @@ class BrushNetModel(ModelMixin, ConfigMixin):
             down = [r.mean(dim=(2, 3), keepdim=True) for r in down]
             mid = mid.mean(dim=(2, 3), keepdim=True)
             up = [r.mean(dim=(2, 3), keepdim=True) for r in up]
-        if return_dict:
-            return {"down_block_res_samples": down, "mid_block_res_sample": mid, "up_block_res_samples": up}
-        return down, mid, up
+        if not return_dict:
+            return down, mid, up
+        return BrushNetOutput(down_block_res_samples=down, mid_block_res_sample=mid, up_block_res_samples=up)
 
     def _time_embedding(self, sample, timestep, added_cond_kwargs) -> torch.Tensor:
         t = timestep
         if not torch.is_tensor(t):
             t = torch.tensor([t], dtype=torch.float64 if isinstance(t, float) else torch.int64)
-        t = t.to(sample.device)
-        if t.ndim == 0:
-            t = t[None]
-        t = t.expand(sample.shape[0])
+        t = t.to(sample.device).reshape(-1).expand(sample.shape[0])  # a scalar or B timesteps
         emb = self.time_embedding(self.time_proj(t).to(dtype=sample.dtype))
         if self.config.addition_embed_type == "text_time":
-            if (
-                not added_cond_kwargs
-                or "text_embeds" not in added_cond_kwargs
-                or "time_ids" not in added_cond_kwargs
-            ):
+            if not added_cond_kwargs or not {"text_embeds", "time_ids"} <= added_cond_kwargs.keys():
                 raise ValueError(
                     "this BrushNet (addition_embed_type='text_time', SDXL) needs added_cond_kwargs with "
                     "'text_embeds' and 'time_ids'"

@@ -43,9 +43,8 @@ from brushnet.conditioning import (
     prompt_conditioning,
     sdxl_time_ids,
 )
-from brushnet.guidance import all_zero, branch_residuals, guidance_keep, step_scale
+from brushnet.guidance import all_zero, guidance_keep, predict_with_branch, step_scale
 from brushnet.images import ImageInput, load_inpaint_mask, load_rgb, resize_mask, resize_rgb
-from brushnet.injection import unet_forward_with_brushnet
 from brushnet.loading import check_branch_matches_unet, load_base_components, load_brushnet
 from brushnet.masks import blurred_blend
 from brushnet.model import BrushNetModel
@@ -345,26 +344,17 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
                     model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond, return_dict=False
                 )[0]
             else:
-                down, mid, up = branch_residuals(
+                noise_pred = predict_with_branch(
+                    self.unet,
                     self.brushnet,
                     model_in,
                     t,
                     embeds,
                     cond,
-                    scale,
                     added_cond,
+                    scale=scale,
                     cfg=cfg,
                     guess_mode=guess_mode,
-                )
-                noise_pred = unet_forward_with_brushnet(
-                    self.unet,
-                    model_in,
-                    t,
-                    embeds,
-                    down_block_add_samples=down,
-                    mid_block_add_sample=mid,
-                    up_block_add_samples=up,
-                    added_cond_kwargs=added_cond,
                 )
             if cfg:
                 uncond, text = noise_pred.chunk(2)

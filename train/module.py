@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from brushnet.conditioning import check_sdxl_unet_fits, sdxl_time_ids, text_conditioning
-from brushnet.injection import branch_condition, unet_forward_with_brushnet
+from brushnet.guidance import predict_with_branch
+from brushnet.injection import branch_condition
 from brushnet.loading import check_branch_matches_unet, load_base_components
 from brushnet.model import BrushNetModel
 from brushnet.single_branch import inpainting_unet_from, single_branch_input
 from train.nonfinite import NanPolicy, NonFiniteLossError, NonFiniteSteps
 from train.optim import OptimizerName, ScheduleName, build_optimizer, build_scheduler
-from train.precision import warn_if_emulated_bf16
+from train.precision import warn_if_emulated_bf16, weight_dtype_for
 
 if TYPE_CHECKING:
     from brushnet.pipeline import BrushNetInpaintPipeline
@@ -40,13 +41,6 @@ log = logging.getLogger(__name__)
 TRAINED_PREFIXES = ("brushnet.", "ema.")  # what a Lightning checkpoint stores of the model
 Injection = Literal["full", "half", "controlnet"]
 ConditionEncoder = Literal["vae", "conv"]
-_PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "fp16": torch.float16}
-
-
-def weight_dtype_for(precision: str | int | None) -> torch.dtype:
-    """Dtype of the frozen models for a Lightning precision: bf16 for ``bf16-*``, fp16 for ``16-*``."""
-    head = str(precision).split("-")[0]
-    return _PRECISION_DTYPES.get(head, torch.float32)
 
 
 class BrushNetTrainingModule(L.LightningModule):
@@ -148,9 +142,7 @@ class BrushNetTrainingModule(L.LightningModule):
             "alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False
         )
         self.weight_dtype = torch.float32
-        self.strict_loading = (
-            False  # checkpoints hold only the trained branch (+ EMA); see on_load_checkpoint
-        )
+        self.strict_loading = False  # checkpoints hold only the branch (+ EMA); see on_load_checkpoint
 
     @property
     def skipped_steps(self) -> int:
@@ -173,7 +165,7 @@ class BrushNetTrainingModule(L.LightningModule):
         """
         from brushnet.pipeline import BrushNetInpaintPipeline, make_scheduler
 
-        if self.hparams.single_branch:
+        if self.hparams.get("single_branch"):
             raise ValueError(
                 "model.single_branch trains a 9-channel UNet, not a BrushNet branch: run its export with "
                 "brushnet.single_branch.inpaint_single_branch (validation grids do not apply)"
@@ -274,24 +266,14 @@ class BrushNetTrainingModule(L.LightningModule):
                 return_dict=False,
             )[0]
         elif use_branch:
-            down, mid, up = self.brushnet(
+            pred = predict_with_branch(
+                self.unet,
+                self.brushnet,
                 noisy,
                 timesteps,
-                encoder_hidden_states=cond.encoder_hidden_states,
-                brushnet_cond=brushnet_cond,
-                added_cond_kwargs=cond.added_cond_kwargs,
-                return_dict=False,
-            )
-            pred = unet_forward_with_brushnet(
-                self.unet,
-                noisy.to(wd),
-                timesteps,
                 cond.encoder_hidden_states,
-                down_block_add_samples=down,
-                mid_block_add_sample=mid,
-                up_block_add_samples=up,
-                added_cond_kwargs=cond.added_cond_kwargs,
-                injection=self.brushnet.config.injection,
+                brushnet_cond,
+                cond.added_cond_kwargs,
             )
         else:
             pred = self.unet(
@@ -334,18 +316,11 @@ class BrushNetTrainingModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Once per optimizer step, after the accumulated gradients are reduced: keep or drop the update."""
-        any_rank = None
-        if self.trainer.world_size > 1:
-
-            def any_rank(bad: bool) -> bool:
-                flag = torch.tensor(float(bad), device=self.device)
-                return float(self.trainer.strategy.reduce(flag, reduce_op="sum")) > 0
-
         self.nonfinite.check_update(
             self.brushnet.parameters(),
             self.global_step,
             check_gradients=not str(self.trainer.precision).startswith("16"),
-            any_rank=any_rank,
+            reduce=self.trainer.strategy.reduce if self.trainer.world_size > 1 else None,
         )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -374,10 +349,8 @@ class BrushNetTrainingModule(L.LightningModule):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        decay = self.hparams.ema_decay
-        ema = [p for p in self.ema.parameters()]
         live = [p.detach() for p in self.brushnet.parameters()]
-        torch._foreach_lerp_(ema, live, 1.0 - decay)
+        torch._foreach_lerp_(list(self.ema.parameters()), live, 1.0 - self.hparams.ema_decay)
 
     # --------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict:

@@ -73,10 +73,11 @@ class NonFiniteSteps:
         step: int,
         *,
         check_gradients: bool,
-        any_rank: Callable[[bool], bool] | None = None,
+        reduce: Callable[..., torch.Tensor] | None = None,
     ) -> None:
-        """Drop the update (clear the gradients of ``params``) when this or, via ``any_rank``, another rank
-        saw a non-finite loss or gradient. ``check_gradients``: False under ``16-mixed``."""
+        """Drop the update (clear the gradients of ``params``) when this rank or another one saw a non-finite
+        loss or gradient. ``check_gradients``: False under ``16-mixed``. ``reduce``: the strategy's
+        ``reduce(tensor, reduce_op="sum")`` under DDP/FSDP (one scalar all-reduce), None on one process."""
         params = list(params)
         reason = self._reason
         if reason is None and check_gradients:
@@ -84,8 +85,10 @@ class NonFiniteSteps:
             # one reduction and one host sync for all gradients (a NaN/Inf element makes its norm NaN/Inf)
             if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
                 reason = f"a gradient is NaN/Inf at step {step}"
-        if any_rank is not None and any_rank(reason is not None) and reason is None:
-            reason = f"a non-finite loss or gradient on another rank at step {step}"
+        if reduce is not None and params:
+            flag = torch.tensor(float(reason is not None), device=_local_tensor(params[0]).device)
+            if float(reduce(flag, reduce_op="sum")) > 0 and reason is None:
+                reason = f"a non-finite loss or gradient on another rank at step {step}"
         if reason is None:
             self.consecutive_skips = 0
             return

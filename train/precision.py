@@ -32,3 +32,11 @@ def warn_if_emulated_bf16(precision: str | int | None, device: torch.device) -> 
         precision,
     )
     return True
+
+
+_PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "fp16": torch.float16}
+
+
+def weight_dtype_for(precision: str | int | None) -> torch.dtype:
+    """Dtype of the frozen models for a Lightning precision: bf16 for ``bf16-*``, fp16 for ``16-*``."""
+    return _PRECISION_DTYPES.get(str(precision).split("-")[0], torch.float32)

@@ -67,7 +67,7 @@ def setup(request):
 def test_zero_initialised_branch_is_bit_identical(setup):
     kind, unet, branch, (sample, t, ehs, cond, added) = setup
     with torch.no_grad():
-        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added)
+        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added, return_dict=False)
         plain = unet(sample, t, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
         ours = unet_forward_with_brushnet(unet, sample, t, ehs, down, mid, up, added_cond_kwargs=added)
     assert torch.equal(plain, ours)
@@ -77,7 +77,7 @@ def test_matches_reference_forward(setup):
     kind, unet, branch, (sample, t, ehs, cond, added) = setup
     _randomise_zero_convs(branch)
     with torch.no_grad():
-        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added)
+        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added, return_dict=False)
         assert all(r.abs().sum() > 0 for r in [*down, mid, *up])
         ours = unet_forward_with_brushnet(unet, sample, t, ehs, down, mid, up, added_cond_kwargs=added)
         ref = _reference_forward(unet, sample, t, ehs, down, mid, up, added)
@@ -101,7 +101,7 @@ def test_spy_each_residual_lands_between_its_layer_and_the_next(setup):
         for m in order
     ]
     with torch.no_grad():
-        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added)
+        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added, return_dict=False)
     flat = [torch.zeros_like(r) for r in [*down, mid, *up]]
     nd = len(down)
 
@@ -143,7 +143,7 @@ def test_lists_are_not_consumed_or_mutated(setup):
     kind, unet, branch, (sample, t, ehs, cond, added) = setup
     _randomise_zero_convs(branch)
     with torch.no_grad():
-        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added)
+        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added, return_dict=False)
     down_copy, up_copy, mid_copy = [r.clone() for r in down], [r.clone() for r in up], mid.clone()
     ids = [id(r) for r in down + up]
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_lists_are_not_consumed_or_mutated(setup):
 def test_no_hooks_left_behind_even_on_error(setup):
     kind, unet, branch, (sample, t, ehs, cond, added) = setup
     with torch.no_grad():
-        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added)
+        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added, return_dict=False)
         unet_forward_with_brushnet(unet, sample, t, ehs, down, mid, up, added_cond_kwargs=added)
         with pytest.raises(Exception):  # noqa: B017 - wrong channel count inside the UNet
             unet_forward_with_brushnet(unet, sample[:, :3], t, ehs, down, mid, up, added_cond_kwargs=added)
@@ -167,7 +167,7 @@ def test_no_hooks_left_behind_even_on_error(setup):
 def test_wrong_number_of_residuals_is_a_clear_error(setup):
     kind, unet, branch, (sample, t, ehs, cond, added) = setup
     with torch.no_grad():
-        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added)
+        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added, return_dict=False)
     with pytest.raises(ValueError, match=r"down and .* up residuals"):
         unet_forward_with_brushnet(unet, sample, t, ehs, down[:-1], mid, up, added_cond_kwargs=added)
 
@@ -184,7 +184,7 @@ def test_gradients_reach_branch_not_frozen_unet(checkpointing):
     if checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers only checkpoints when module.training is True
-    down, mid, up = branch(sample, t, ehs, cond)
+    down, mid, up = branch(sample, t, ehs, cond, return_dict=False)
     pred = unet_forward_with_brushnet(unet, sample, t, ehs, down, mid, up)
     pred.square().mean().backward()
     assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward: checkpointing really applied
@@ -206,7 +206,7 @@ def test_checkpointed_unet_gives_same_branch_gradients():
         unet.train()
         branch = BrushNetModel.from_unet(unet)
         _randomise_zero_convs(branch)
-        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added)
+        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added, return_dict=False)
         unet_forward_with_brushnet(unet, sample, t, ehs, down, mid, up, added).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in branch.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])

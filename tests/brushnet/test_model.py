@@ -9,6 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from brushnet import BrushNetModel
+from brushnet.model import BrushNetOutput
 from brushnet.testing.tiny import tiny_unet, tiny_unet_config
 from tests.conftest import FIXTURES
 
@@ -153,7 +154,7 @@ def test_residual_shapes_match_unet_layers(kind):
     unet = tiny_unet(kind)
     branch = BrushNetModel.from_unet(unet)
     sample, t, ehs, cond, added = _inputs(kind)
-    down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added)
+    down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added, return_dict=False)
     # down: conv_in + per block (layers + downsampler); up: per block (layers + 1 + upsampler)
     assert [r.shape[1] for r in down] == [32, 32, 32, 32, 64, 64]
     assert [r.shape[-1] for r in down] == [8, 8, 8, 4, 4, 4]
@@ -169,12 +170,12 @@ def test_conditioning_scale_float_list_and_guess_mode():
     _randomise_zero_convs(branch)
     sample, t, ehs, cond, _ = _inputs("sd15")
     with torch.no_grad():
-        d1, m1, u1 = branch(sample, t, ehs, cond)
-        d2, m2, u2 = branch(sample, t, ehs, cond, conditioning_scale=0.5)
+        d1, m1, u1 = branch(sample, t, ehs, cond, return_dict=False)
+        d2, m2, u2 = branch(sample, t, ehs, cond, conditioning_scale=0.5, return_dict=False)
         n = sum(branch.num_residuals)
         per_layer = [float(i) for i in range(n)]
-        d3, m3, u3 = branch(sample, t, ehs, cond, conditioning_scale=per_layer)
-        dg, mg, ug = branch(sample, t, ehs, cond, guess_mode=True)
+        d3, m3, u3 = branch(sample, t, ehs, cond, conditioning_scale=per_layer, return_dict=False)
+        dg, mg, ug = branch(sample, t, ehs, cond, guess_mode=True, return_dict=False)
     torch.testing.assert_close(d2[3], d1[3] * 0.5)
     torch.testing.assert_close(m2, m1 * 0.5)
     torch.testing.assert_close(d3[2], d1[2] * 2.0)
@@ -185,6 +186,31 @@ def test_conditioning_scale_float_list_and_guess_mode():
     torch.testing.assert_close(ug[-1], u1[-1] * ramp[-1])
     with pytest.raises(ValueError, match="per-layer conditioning_scale needs"):
         branch(sample, t, ehs, cond, conditioning_scale=[1.0, 2.0])
+
+
+def test_forward_returns_a_brushnet_output_by_default_and_the_same_tensors_as_a_tuple():
+    """``return_dict=True`` (default, as diffusers' ControlNet and the official BrushNetModel): the official
+    field names; ``return_dict=False``: ``(down, mid, up)``, the order every caller unpacks."""
+    branch = BrushNetModel.from_unet(tiny_unet("sdxl"))
+    _randomise_zero_convs(branch)
+    sample, t, ehs, cond, added = _inputs("sdxl")
+    with torch.no_grad():
+        out = branch(sample, t, ehs, cond, added_cond_kwargs=added)
+        down, mid, up = branch(sample, t, ehs, cond, added_cond_kwargs=added, return_dict=False)
+    assert isinstance(out, BrushNetOutput)
+    assert list(out.keys()) == ["down_block_res_samples", "mid_block_res_sample", "up_block_res_samples"]
+    assert len(out.down_block_res_samples) == len(down) and len(out.up_block_res_samples) == len(up)
+    assert all(torch.equal(a, b) for a, b in zip(out.down_block_res_samples, down))
+    assert torch.equal(out.mid_block_res_sample, mid) and mid.abs().sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(out.up_block_res_samples, up))
+    assert out.to_tuple()[1] is out.mid_block_res_sample
+
+
+def test_a_mistyped_keyword_argument_is_an_error():
+    branch = BrushNetModel.from_unet(tiny_unet("sd15"))
+    sample, t, ehs, cond, _ = _inputs("sd15")
+    with pytest.raises(TypeError, match="conditioning_scal"):
+        branch(sample, t, ehs, cond, conditioning_scal=0.5)
 
 
 def test_sdxl_branch_requires_added_cond_kwargs():
@@ -231,7 +257,7 @@ def test_gradient_checkpointing_gives_same_gradients():
             branch.enable_gradient_checkpointing()
         calls = []
         _count_forward_calls(branch.down_blocks[0].resnets[0], calls)
-        down, mid, up = branch(sample, t, ehs, cond)
+        down, mid, up = branch(sample, t, ehs, cond, return_dict=False)
         (sum(r.square().sum() for r in down + up) + mid.square().sum()).backward()
         assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward when checkpointing
         grads.append(branch.down_blocks[0].resnets[0].conv1.weight.grad.clone())
