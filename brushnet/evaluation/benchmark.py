@@ -108,6 +108,11 @@ def output_paths(out_dir: str | os.PathLike, item: BenchmarkItem) -> tuple[Path,
     return generated, generated.with_name(f"{generated.stem}_masked{generated.suffix}")
 
 
+def masked_input(source: np.ndarray, item: BenchmarkItem) -> np.ndarray:
+    """The source with the hole blacked out: the official ``*_masked`` image (``image * (1 - mask)``)."""
+    return source * (~item.inpaint_mask())[..., None].astype(np.uint8)
+
+
 def save_image_atomic(image: PIL.Image.Image, path: Path) -> None:
     """Write ``image`` atomically (format from the suffix). JPEG at PIL's default quality (75), as the
     official script's ``image.save(path)``: the compression is part of the published PSNR/MSE/LPIPS numbers."""
@@ -183,8 +188,7 @@ def generate(
             progress(f"generating {item.id}")
         source = load_source(root, item)
         image = inpaint_item(pipe, item, source, settings)
-        masked = source * (~item.inpaint_mask())[..., None].astype(np.uint8)  # official: image * (1 - mask)
-        save_image_atomic(PIL.Image.fromarray(masked), masked_path)
+        save_image_atomic(PIL.Image.fromarray(masked_input(source, item)), masked_path)
         save_image_atomic(image, generated_path)
         stats.generated += 1
     return stats

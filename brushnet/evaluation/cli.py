@@ -23,8 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "evaluate",
         help="generate and score BrushBench / EditBench",
-        description="Inpaint every benchmark entry (skipping images already generated) and write per-image "
-        "and summary CSVs, a markdown report and best/worst grids to --out.",
+        description="Inpaint every benchmark entry (skipping images already generated) and write per-image\n"
+        "and summary CSVs, a markdown report and best/worst grids to --out.\n\nMetrics:" + _metrics_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--benchmark", required=True, type=Path, help="benchmark root (holds mapping_file.json)")
     p.add_argument(
@@ -55,12 +56,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--metrics-config",
         type=Path,
         default=None,
-        help="YAML/JSON with local weight paths of the model-based metrics (absent = unavailable)",
+        help="YAML/JSON with local weight paths of the model-based metrics (template: "
+        "configs/eval/metrics.yaml); a metric without weights is reported unavailable",
     )
     p.add_argument("--no-generate", action="store_true", help="only score images already in --out")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default fp16 on cuda, fp32 on cpu")
     return p
+
+
+def _metrics_help() -> str:
+    from brushnet.evaluation.evaluate import METRICS
+    from brushnet.evaluation.scorers import SCORER_BUILDERS
+
+    model_based = {name: section for name, (_, section) in SCORER_BUILDERS.items()}
+    model_based["lpips"] = "lpips"
+    lines = []
+    for name, info in METRICS.items():
+        needs = f" (weights: --metrics-config section '{model_based[name]}')" if name in model_based else ""
+        lines.append(f"\n  {name:<16} {info.label}{needs}")
+    return "".join(lines)
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Path]:
@@ -119,6 +134,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Path]:
         evaluator.columns,
         evaluator.unavailable,
         items,
+        args.benchmark,
         asdict(settings) if settings else None,
     )
 

@@ -5,7 +5,8 @@ see :func:`load_model_paths`); a metric whose weights (or package) are absent is
 with the path it looked for, never as zero. Formulas follow the official ``evaluate_brushnet.py``:
 
 * CLIP similarity: torchmetrics ``CLIPScore`` with ``openai/clip-vit-large-patch14`` (transformers folder):
-  ``max(100 * cos(image embedding, text embedding), 0)``.
+  ``max(100 * cos(image embedding, text embedding), 0)``; a caption longer than the text encoder's 77
+  positions keeps its first 77 tokens, end-of-text token included in the cut (what CLIPScore does).
 * Aesthetic score: open_clip ViT-L/14 (OpenAI weights, QuickGELU) image embedding, L2-normalised, through the
   LAION linear head ``sa_0_4_vit_l_14_linear.pth`` (``Linear(768, 1)``).
 * HPS v2.1: open_clip ViT-H/14 carrying the ``HPS_v2.1_compressed.pt`` weights; the score is the cosine of
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import PIL.Image
+
+from brushnet.typecheck import dataclass_from_dict
 
 
 class Scorer(Protocol):
@@ -74,40 +77,34 @@ class ModelPaths:
 
 
 def model_paths_from_dict(raw: dict[str, Any], where: str = "config") -> ModelPaths:
-    """Build :class:`ModelPaths` from a nested dict; unknown sections or keys are errors naming them."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping of metric sections, got {type(raw).__name__}")
-    sections = {f.name: f for f in fields(ModelPaths)}
-    out = ModelPaths()
-    for name, values in raw.items():
-        if name not in sections:
-            raise ValueError(f"{where}: unknown section {name!r} (known: {sorted(sections)})")
-        section = getattr(out, name)
-        known = {f.name for f in fields(section)}
-        if not isinstance(values, dict) or set(values) - known:
-            bad = sorted(set(values) - known) if isinstance(values, dict) else values
-            raise ValueError(f"{where}: section {name!r} has unknown keys {bad!r} (known: {sorted(known)})")
-        for key, value in values.items():
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{where}: {name}.{key} must be a string path or null, got {value!r}")
-            setattr(section, key, os.path.expanduser(value) if value else value)
-    return out
+    """Build :class:`ModelPaths` from a nested dict; unknown sections or keys and values of the wrong type
+    are errors naming the key and the value (:class:`brushnet.typecheck.ConfigTypeError`)."""
+    paths = dataclass_from_dict(ModelPaths, raw, where)
+    for section in fields(paths):
+        values = getattr(paths, section.name)
+        for f in fields(values):
+            if isinstance(getattr(values, f.name), str):
+                setattr(values, f.name, os.path.expanduser(getattr(values, f.name)))
+    return paths
 
 
 def load_model_paths(path: str | os.PathLike) -> ModelPaths:
-    """Read a YAML (``.yaml``/``.yml``) or JSON model-paths file."""
+    """Read a YAML (``.yaml``/``.yml``) or JSON model-paths file (``configs/eval/metrics.yaml`` is one)."""
+    import yaml
+
     path = Path(path)
+    where = f"metrics config {str(path)!r}"
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
-        raise ValueError(f"metrics config {str(path)!r} does not exist") from e
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        raw = yaml.safe_load(text) or {}
-    else:
-        raw = json.loads(text)
-    return model_paths_from_dict(raw, where=f"metrics config {str(path)!r}")
+        raise ValueError(f"{where} does not exist") from e
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        raw = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        reason = " ".join(str(e).split())  # one line: YAML errors span several
+        raise ValueError(f"{where} is not valid {'YAML' if is_yaml else 'JSON'}: {reason}") from e
+    return model_paths_from_dict(raw or {}, where=where)
 
 
 class Unavailable(Exception):
@@ -140,16 +137,24 @@ class ClipSimilarity:
         self.device = device
 
     def __call__(self, images, prompts) -> list[float]:
+        import numpy as np
         import torch
 
+        # As torchmetrics' CLIPScore, which the official evaluate_brushnet.py calls: the processor gets uint8
+        # CxHxW tensors, the captions are tokenized untruncated and cut to the first max_position_embeddings
+        # tokens (so a long caption loses its end-of-text token too).
         max_len = self.model.config.text_config.max_position_embeddings
-        text = self.processor.tokenizer(
-            list(prompts), padding=True, truncation=True, max_length=max_len, return_tensors="pt"
-        ).to(self.device)
-        pixels = self.processor.image_processor(_batched(images), return_tensors="pt")["pixel_values"]
+        text = self.processor.tokenizer(list(prompts), padding=True, return_tensors="pt")
+        ids, attention = text["input_ids"][:, :max_len], text["attention_mask"][:, :max_len]
+        tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in _batched(images)]
+        pixels = self.processor.image_processor(tensors, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             img = _features(self.model.get_image_features(pixel_values=pixels.to(self.device)))
-            txt = _features(self.model.get_text_features(**text))
+            txt = _features(
+                self.model.get_text_features(
+                    input_ids=ids.to(self.device), attention_mask=attention.to(self.device)
+                )
+            )
         cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
         return (100 * cos).clamp(min=0).tolist()
 
@@ -234,8 +239,9 @@ class ImageRewardScore:
             import ImageReward as RM
         except ImportError as e:
             raise Unavailable(
-                f"the 'image-reward' package is not importable ({e}); it pins timm==0.6.13 and needs "
-                "fairscale and the bert-base-uncased tokenizer in the Hugging Face cache"
+                f"the 'image-reward' package is not importable ({e}); it is not in the `eval` extra (see the "
+                "README's Evaluation section: it needs timm==0.6.13, openai-clip and transformers 4, and "
+                "the bert-base-uncased tokenizer in the Hugging Face cache)"
             ) from e
         try:
             self.model = RM.load(str(checkpoint), device=device, med_config=str(med_config))

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,8 +18,14 @@ import pytest
 import yaml
 
 from brushnet.evaluation import cli
-from brushnet.evaluation.benchmark import GenerationSettings, generate, load_mapping, output_paths
-from brushnet.evaluation.evaluate import Evaluator, evaluate_subset, score_folder
+from brushnet.evaluation.benchmark import (
+    GenerationSettings,
+    generate,
+    load_mapping,
+    load_source,
+    output_paths,
+)
+from brushnet.evaluation.evaluate import METRICS, Evaluator, evaluate_subset, score_folder
 from brushnet.evaluation.report import write_report
 from brushnet.evaluation.scorers import LPIPSPaths, ModelPaths, load_model_paths
 from brushnet.pipeline import BrushNetInpaintPipeline
@@ -92,8 +102,13 @@ def test_evaluate_cli_end_to_end_and_resume(setup, tmp_path, capsys):
     mean = np.mean([float(r["psnr"]) for r in rows])
     assert float(summary["psnr"]["mean"]) == pytest.approx(mean, rel=1e-5)
     report = (out / "evaluation_report.md").read_text()
-    assert "grids/lpips.png" in report and "unavailable" in report
-    assert PIL.Image.open(out / "grids" / "psnr.png").size[1] > 0
+    assert "![lpips](grids/lpips.png)" in report
+    assert "| ImageReward | unavailable: no weights configured (image_reward.checkpoint) |" in report
+    # every metric that ran has its grid: 3 images -> 3 (masked input, result) pairs in each of 2 rows
+    columns = [c for c in rows[0] if c not in ("id", "image", "caption")]
+    for metric in columns:
+        with PIL.Image.open(out / "grids" / f"{metric}.png") as grid:
+            assert grid.size == (60 + 3 * 2 * 160, 2 * (160 + 16)), metric
     assert json.loads((out / "generation.json").read_text())["blended"] is True
 
     # second run: every image is skipped, nothing is regenerated
@@ -148,6 +163,62 @@ def test_no_generate_scores_an_existing_folder_and_missing_images_are_named(setu
     assert "--limit must be at least 1" in capsys.readouterr().err
 
 
+def test_no_generate_scores_another_methods_folder_without_masked_images(setup, tmp_path):
+    """Results of another method hold only ``<image>`` files, no ``*_masked``: the installed ``brushnet
+    evaluate --no-generate`` scores them, writes the CSVs, the report and the grids, and exits 0."""
+    items = load_mapping(setup["bench"] / "mapping_file.json")
+    out = tmp_path / "other-method"
+    for i, item in enumerate(items):
+        path = output_paths(out, item)[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blurred = PIL.Image.fromarray(load_source(setup["bench"], item)).filter(
+            PIL.ImageFilter.GaussianBlur(i + 1)
+        )
+        blurred.save(path, quality=95)
+    script = Path(sys.executable).with_name("brushnet")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "brushnet.cli"]
+    shipped = Path(__file__).parents[2] / "configs" / "eval" / "metrics.yaml"
+    argv = ["evaluate", "--benchmark", str(setup["bench"]), "--out", str(out), "--no-generate"]
+    proc = subprocess.run(
+        [*cmd, *argv, "--metrics-config", str(shipped), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out / 'evaluation_summary.csv'}" in proc.stdout
+    assert not list(out.rglob("*_masked*"))
+    with open(out / "evaluation_per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == ["000", "001", "002"]
+    assert all(15 < float(r["psnr"]) < 60 for r in rows)  # blurred, not identical
+    best = items[max(range(3), key=lambda i: float(rows[i]["psnr"]))]
+    with open(out / "evaluation_summary.csv") as f:
+        summary = {r["metric"]: r for r in csv.DictReader(f)}
+    assert "/models/clip-vit-large-patch14" in summary["clip_similarity"]["status"]  # the shipped config
+    # the best PSNR cell shows the source with its hole blacked out (made from the benchmark), then the result
+    with PIL.Image.open(out / "grids" / "psnr.png") as grid:
+        cells = np.asarray(grid.convert("RGB"))
+    masked = load_source(setup["bench"], best) * (~best.inpaint_mask())[..., None].astype(np.uint8)
+    for x, image in ((60, PIL.Image.fromarray(masked)), (220, PIL.Image.open(output_paths(out, best)[0]))):
+        thumb = np.asarray(image.convert("RGB").resize((160, 160), PIL.Image.BICUBIC))
+        assert np.array_equal(cells[16 : 16 + 160, x : x + 160], thumb)
+
+
+def test_evaluate_help_names_every_metric():
+    script = Path(sys.executable).with_name("brushnet")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "brushnet.cli"]
+    proc = subprocess.run(
+        [*cmd, "evaluate", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name, info in METRICS.items():
+        assert f"{name:<16} {info.label}" in proc.stdout
+    assert "section 'clip'" in proc.stdout and "configs/eval/metrics.yaml" in proc.stdout
+
+
 def test_evaluate_subset_for_training(setup):
     items = load_mapping(setup["bench"] / "mapping_file.json")[:1]
     pipe = BrushNetInpaintPipeline.from_base(setup["base"], setup["branch"])
@@ -155,8 +226,16 @@ def test_evaluate_subset_for_training(setup):
     evaluator = Evaluator.from_paths(load_model_paths(setup["metrics"]), only=["clip_similarity", "lpips"])
     settings = GenerationSettings(base="b", brushnet="n", steps=1, guidance=1.0, blended=True)
     result = evaluate_subset(pipe, items, setup["bench"], settings, evaluator)
-    assert sorted(result.metrics) == sorted(evaluator.columns)
-    assert "clip_similarity" in result.metrics and "hps_v2.1" not in result.metrics
+    assert list(result.metrics) == [
+        "psnr",
+        "psnr_official",
+        "lpips",
+        "mse",
+        "mse_official",
+        "clip_similarity",
+    ]
+    assert all(np.isfinite(v) for v in result.metrics.values())
+    assert result.metrics["clip_similarity"] == result.rows[0]["clip_similarity"] >= 0
     assert result.metrics["psnr"] == pytest.approx(np.mean([r["psnr"] for r in result.rows]))
     assert len(result.images) == 1 and result.images[0].size == (512, 512)
     # the same seed gives the same images
@@ -179,7 +258,9 @@ def test_report_outputs_from_a_scored_folder(setup, tmp_path):
     generate(blur_pipe, items, setup["bench"], out, GenerationSettings(base="b", brushnet="n"))
     evaluator = Evaluator.from_paths(ModelPaths(lpips=LPIPSPaths(backbone=str(tmp_path / "no-backbone.pth"))))
     rows = score_folder(items, setup["bench"], out, evaluator)
-    paths = write_report(out, rows, evaluator.columns, evaluator.unavailable, items, {"steps": 50})
+    paths = write_report(
+        out, rows, evaluator.columns, evaluator.unavailable, items, setup["bench"], {"steps": 50}
+    )
     with open(paths["per_image"]) as f:
         per_image = list(csv.DictReader(f))
     assert [r["id"] for r in per_image] == ["000", "001", "002"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -56,15 +56,52 @@ def test_all_configured_scorers_load_and_image_reward_is_unavailable(scorers):
     assert "image_reward.checkpoint" in unavailable["image_reward"]
 
 
-def test_clip_similarity_is_clamped_100_cosine(scorers):
+class _TensorFeatures(torch.nn.Module):
+    """torchmetrics 1.9 expects ``get_*_features`` to return tensors; transformers 5 returns output objects."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs):
+        return self.model.get_image_features(*args, **kwargs).pooler_output
+
+    def get_text_features(self, *args, **kwargs):
+        return self.model.get_text_features(*args, **kwargs).pooler_output
+
+
+# 530 tokens with the test tokenizer: far past CLIP's 77 positions
+LONG_CAPTION = " ".join(["a very long caption about an astronaut in a white suit"] * 12)
+
+
+def test_clip_similarity_matches_torchmetrics_clipscore_including_long_captions(scorers, config_file):
+    """The official evaluate_brushnet.py scores with torchmetrics' CLIPScore: same model folder, loaded
+    apart, fed as the official script does (uint8 CxHxW tensor + caption, one image per call)."""
+    from torchmetrics.multimodal import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = yaml.safe_load(config_file.read_text())["clip"]["path"]
+    reference = CLIPScore(
+        model_name_or_path=lambda: (
+            _TensorFeatures(CLIPModel.from_pretrained(folder)),
+            CLIPProcessor.from_pretrained(folder),
+        )
+    )
     clip = scorers[0]["clip_similarity"]
-    got = clip(IMAGES, PROMPTS)
-    inputs = clip.processor(text=PROMPTS, images=IMAGES, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = clip.model(**inputs)
-    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
-    np.testing.assert_allclose(got, (100 * cos).clamp(min=0).numpy(), rtol=1e-5, atol=1e-4)
-    assert all(0 <= v <= 100 for v in got)
+    assert len(clip.processor.tokenizer(LONG_CAPTION)["input_ids"]) > 77
+    cases = [(IMAGES[0], PROMPTS[1]), (IMAGES[1], PROMPTS[1]), (IMAGES[0], LONG_CAPTION)]
+    expected = []
+    for image, caption in cases:
+        with torch.no_grad():
+            expected.append(float(reference(torch.from_numpy(np.array(image)).permute(2, 0, 1), caption)))
+        reference.reset()
+    got = [clip([image], [caption])[0] for image, caption in cases]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    assert all(v > 0 for v in expected)  # none hidden by the clamp at 0
+    # batched calls (captions padded together) give the per-image values
+    np.testing.assert_allclose(
+        clip([c[0] for c in cases], [c[1] for c in cases]), expected, rtol=1e-5, atol=1e-4
+    )
 
 
 def test_aesthetic_score_is_the_head_on_normalised_features(scorers):
@@ -150,19 +187,44 @@ def test_absent_weights_are_unavailable_with_the_path(tmp_path):
     )
 
 
-def test_config_errors_name_the_key(tmp_path):
-    bad = tmp_path / "m.json"
-    bad.write_text(json.dumps({"clip": {"pth": "x"}}))
-    with pytest.raises(ValueError, match=r"section 'clip' has unknown keys \['pth'\]"):
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"clip": {"pth": "x"}}, r"unknown keys \['pth'\] in section 'clip'"),
+        ({"clipscore": {}}, r"unknown keys \['clipscore'\] in the top level"),
+        ({"hps": {"checkpoint": 3}}, r"hps\.checkpoint = 3 \(int\): expected str or null"),
+        ({"lpips": {"net": ["squeeze"]}}, r"lpips\.net = \['squeeze'\] \(list\): expected str"),
+        ({"aesthetic": {"weights": True}}, r"aesthetic\.weights = True \(bool\): expected str or null"),
+        ({"clip": "/models/clip"}, r"clip must be a mapping of keys, got '/models/clip'"),
+        (["clip"], r"the top level must be a mapping of keys"),
+    ],
+)
+def test_config_errors_name_the_key_and_value(tmp_path, raw, message):
+    bad = tmp_path / "m.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=rf"metrics config '{bad}': {message}"):
         load_model_paths(bad)
-    bad.write_text(json.dumps({"clipscore": {}}))
-    with pytest.raises(ValueError, match="unknown section 'clipscore'"):
-        load_model_paths(bad)
-    bad.write_text(json.dumps({"hps": {"checkpoint": 3}}))
-    with pytest.raises(ValueError, match=r"hps.checkpoint must be a string"):
-        load_model_paths(bad)
+
+
+def test_unreadable_or_missing_config_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_model_paths(tmp_path / "none.yaml")
+    bad = tmp_path / "m.yaml"
+    bad.write_text("clip: {path: [unclosed\n")
+    with pytest.raises(ValueError, match="is not valid YAML") as info:
+        load_model_paths(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_shipped_metrics_config_loads_every_section():
+    paths = load_model_paths(Path(__file__).parents[2] / "configs" / "eval" / "metrics.yaml")
+    assert paths.lpips.net == "squeeze" and paths.lpips.backbone.endswith("squeezenet1_1-b8a52dc0.pth")
+    assert "~" not in paths.lpips.backbone  # expanded
+    assert paths.clip.path.endswith("clip-vit-large-patch14")
+    assert paths.aesthetic.model == "ViT-L-14-quickgelu" and paths.aesthetic.head.endswith(".pth")
+    assert paths.hps.model == "ViT-H-14" and paths.hps.checkpoint.endswith("HPS_v2.1_compressed.pt")
+    assert paths.image_reward.checkpoint.endswith("ImageReward.pt")
+    assert paths.image_reward.med_config.endswith("med_config.json")
 
 
 def test_image_reward_goes_through_the_package_with_local_files(tmp_path, monkeypatch):
