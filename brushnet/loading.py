@@ -50,9 +50,9 @@ def resolve_pretrained(name_or_path: str | os.PathLike, revision: str | None = N
         if _offline():
             raise BaseModelError(
                 f"{str(name_or_path)!r} is not a local folder and is not in the Hugging Face cache, and "
-                "HF_HUB_OFFLINE=1 forbids downloading it. Pass a local diffusers folder, or download it "
-                "first (unset HF_HUB_OFFLINE and run `huggingface-cli download "
-                f"{name_or_path}`)."
+                "HF_HUB_OFFLINE=1 forbids downloading it. Pass a local diffusers folder, go online with "
+                "HF_HUB_OFFLINE=0 (the Makefile sets 1 unless you set it), or download it first with "
+                f"`HF_HUB_OFFLINE=0 hf download {name_or_path}`."
             ) from cached_error
     try:
         return Path(
