@@ -27,6 +27,7 @@ from brushnet.injection import branch_condition
 from brushnet.loading import check_branch_matches_unet, load_base_components
 from brushnet.model import BrushNetModel
 from brushnet.single_branch import inpainting_unet_from, single_branch_input
+from train.data.transforms import normalize_batch
 from train.nonfinite import NanPolicy, NonFiniteLossError, NonFiniteSteps
 from train.optim import OptimizerName, ScheduleName, build_optimizer, build_scheduler
 from train.precision import warn_if_emulated_bf16, weight_dtype_for
@@ -232,6 +233,7 @@ class BrushNetTrainingModule(L.LightningModule):
 
     def compute_loss(self, batch: dict, generator: torch.Generator, use_branch: bool = True) -> torch.Tensor:
         """The training loss of one batch (``use_branch=False``: the frozen UNet alone, for comparisons)."""
+        batch = normalize_batch(batch)  # uint8 loader batches -> float model inputs, on the device
         wd = self.weight_dtype
         pixels = torch.cat([batch["pixel_values"], batch["conditioning_pixel_values"]]).to(wd)
         with torch.no_grad():

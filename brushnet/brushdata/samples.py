@@ -20,6 +20,9 @@ MEMBER_ORDER = ("image", "caption", "height", "width", "segmentation", "json")
 REQUIRED_MEMBERS = ("image", "caption", "height", "width", "segmentation")
 
 _EXIF_ORIENTATION = 0x0112
+# cv2.IMREAD_REDUCED_COLOR_{2,4,8} = IMREAD_COLOR | 16, 32, 64: only scale bits, ORed with the flags used
+_REDUCED_FLAGS = {1: 0, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}
+_REDUCED_FLAGS[8] = cv2.IMREAD_REDUCED_COLOR_8
 
 
 class BrushDataError(ValueError):
@@ -48,7 +51,8 @@ class BrushDataSample:
 
 @dataclass
 class DecodedSample:
-    """A read and validated sample. ``image`` is uint8 HxWx3 RGB; masks stay RLE until :meth:`mask`."""
+    """A read and validated sample. ``image`` is uint8 HxWx3 RGB (``height x width`` unless decoded at a
+    reduced scale, see :func:`decode_sample`); masks stay RLE until :meth:`mask`."""
 
     key: str
     image: np.ndarray
@@ -137,10 +141,16 @@ def _json(members: dict[str, bytes], name: str, shard: str, key: str) -> Any:
         raise BrushDataError(shard, key, f"{name} is not valid JSON: {e}") from None
 
 
-def decode_sample(members: dict[str, bytes], *, key: str, shard: str | os.PathLike = "?") -> DecodedSample:
+def decode_sample(
+    members: dict[str, bytes], *, key: str, shard: str | os.PathLike = "?", min_size: int | None = None
+) -> DecodedSample:
     """Decode and validate a sample's members: all required members present, UTF-8 caption, integer
     height/width equal to the decoded image's size, segmentation JSON ``{"mask": [...]}`` with every RLE
-    within bounds (checked now, decoded later by :meth:`DecodedSample.mask`). Raises BrushDataError."""
+    within bounds (checked now, decoded later by :meth:`DecodedSample.mask`). Raises BrushDataError.
+
+    ``min_size``: decode a JPEG at the smallest libjpeg DCT scale (1/2, 1/4, 1/8) whose short side stays
+    >= ``min_size`` (much faster for a source far larger than the training size); ``image`` is then
+    ``ceil(height / r) x ceil(width / r)`` while ``height``/``width`` and the masks keep the stored size."""
     shard = os.fspath(shard)
     missing = [m for m in REQUIRED_MEMBERS if m not in members]
     if missing:
@@ -154,17 +164,22 @@ def decode_sample(members: dict[str, bytes], *, key: str, shard: str | os.PathLi
     # The stored pixel grid, as height/width and the RLEs describe it (cv2 would otherwise apply an EXIF
     # rotation; our writer refuses such images).
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    reduce = 1
+    if min_size is not None and members["image"][:2] == b"\xff\xd8":  # JPEG: libjpeg scales while decoding
+        reduce = max([r for r in (2, 4, 8) if min(height, width) >= r * min_size], default=1)
+        flags |= _REDUCED_FLAGS[reduce]
     try:
         bgr = cv2.imdecode(np.frombuffer(members["image"], dtype=np.uint8), flags)
     except cv2.error:  # e.g. an empty buffer
         bgr = None
     if bgr is None:
         raise BrushDataError(shard, key, f"image ({len(members['image'])} bytes) could not be decoded")
-    if bgr.shape[:2] != (height, width):
+    if bgr.shape[:2] != (-(-height // reduce), -(-width // reduce)):
         raise BrushDataError(
             shard,
             key,
-            f"height/width say {height}x{width} but the image decodes to {bgr.shape[0]}x{bgr.shape[1]}",
+            f"height/width say {height}x{width} but the image decodes to {bgr.shape[0]}x{bgr.shape[1]}"
+            + (f" at 1/{reduce} scale" if reduce > 1 else ""),
         )
     segmentation = _json(members, "segmentation", shard, key)
     if not isinstance(segmentation, dict) or not isinstance(segmentation.get("mask"), list):

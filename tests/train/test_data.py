@@ -11,6 +11,7 @@ import torch
 from tests.train.data_builders import object_masks, tokenizer_folder, write_shards
 from train.data import BrushDataModule
 from train.data.shards import expand_sources
+from train.data.transforms import normalize_batch
 
 RES = 32
 
@@ -49,13 +50,18 @@ def test_batch_contract(shards, tok):
     batches = epoch_batches(dm)
     assert len(batches) == 13 // 3 == len(dm.train_dataloader_for(0, 1))
     b = batches[0]
-    assert b["pixel_values"].shape == b["conditioning_pixel_values"].shape == (3, 3, RES, RES)
-    assert b["masks"].shape == (3, 1, RES, RES)
+    assert b["pixel_values"].shape == (3, 3, RES, RES) and b["masks"].shape == (3, 1, RES, RES)
+    assert b["pixel_values"].dtype == b["masks"].dtype == torch.uint8  # normalised on the device
+    assert "conditioning_pixel_values" not in b
+    x = normalize_batch(b)
+    assert x["pixel_values"].shape == x["conditioning_pixel_values"].shape == (3, 3, RES, RES)
     for name in ("pixel_values", "conditioning_pixel_values", "masks"):
-        assert b[name].dtype == torch.float32
-    assert b["pixel_values"].min() >= -1.0 and b["pixel_values"].max() <= 1.0
-    assert b["pixel_values"].std() > 0.1  # a real photo, not a constant
-    assert set(b["masks"].unique().tolist()) <= {0.0, 1.0}
+        assert x[name].dtype == torch.float32 and x[name].is_contiguous()
+    assert torch.equal(x["pixel_values"], b["pixel_values"].float() / 127.5 - 1.0)
+    assert x["pixel_values"].min() >= -1.0 and x["pixel_values"].max() <= 1.0
+    assert x["pixel_values"].std() > 0.1  # a real photo, not a constant
+    assert set(x["masks"].unique().tolist()) <= {0.0, 1.0}
+    assert normalize_batch(x) is x  # float batches (custom datasets) pass through
     assert b["input_ids"].dtype == torch.int64 and b["input_ids"].shape == (3, 77)
     assert "input_ids_2" not in b
     assert b["original_size"].tolist() == [[48, 64]] * 3
@@ -87,7 +93,7 @@ def test_mask_semantics(tmp_path, tok):
     paths = write_shards(tmp_path, [6], height=RES, width=RES, num_masks=1)  # no resize, no crop
     for invert, inpaint_object in ((0.0, True), (1.0, False)):
         dm = make_dm(paths, tok, morph_prob=0.0, invert_prob=invert, batch_size=6)
-        b = epoch_batches(dm)[0]
+        b = normalize_batch(epoch_batches(dm)[0])
         keep = b["masks"].bool().expand_as(b["pixel_values"])
         assert torch.equal(b["conditioning_pixel_values"][keep], b["pixel_values"][keep])
         assert (b["conditioning_pixel_values"][~keep] == -1.0).all()
@@ -103,7 +109,7 @@ def test_random_masks_and_empty_prompts(tmp_path, tok):
     b = epoch_batches(dm)[0]
     empty = dm.tokenizers("")["input_ids"]
     assert all(torch.equal(ids, empty) for ids in b["input_ids"])
-    inpaint_fraction = 1 - b["masks"].mean((1, 2, 3))
+    inpaint_fraction = 1 - b["masks"].float().mean((1, 2, 3))
     assert ((inpaint_fraction > 0) & (inpaint_fraction < 1)).any()  # strokes, not "keep all"
 
 
@@ -112,7 +118,7 @@ def test_deterministic_across_worker_counts(shards, tok):
     other = epoch_batches(make_dm(shards, tok, num_workers=2), epoch=1)
     assert keys_of(ref) == keys_of(other)
     for a, b in zip(ref, other):
-        for name in ("pixel_values", "conditioning_pixel_values", "masks", "input_ids", "crop_top_left"):
+        for name in ("pixel_values", "masks", "input_ids", "crop_top_left"):
             assert torch.equal(a[name], b[name]), name
 
 

@@ -76,7 +76,10 @@ class IndexedBrushDataset(Dataset):
             try:
                 members = self.table.read_members(i, self._fds)
                 example = make_example(
-                    decode_sample(members, key=key, shard=shard), rng, self.cfg, self.tokenizers
+                    decode_sample(members, key=key, shard=shard, min_size=self.cfg.resolution),
+                    rng,
+                    self.cfg,
+                    self.tokenizers,
                 )
             except BAD_SAMPLE_ERRORS as e:
                 self._log_bad(shard, key, e)
@@ -170,7 +173,10 @@ class StreamBrushDataset(IterableDataset):
             members = {m: raw[m] for m in MEMBERS if m in raw}
             try:
                 example = make_example(
-                    decode_sample(members, key=key, shard=shard), rng, self.cfg, self.tokenizers
+                    decode_sample(members, key=key, shard=shard, min_size=self.cfg.resolution),
+                    rng,
+                    self.cfg,
+                    self.tokenizers,
                 )
             except BAD_SAMPLE_ERRORS as e:
                 self._log_bad(shard, key, e)
@@ -186,17 +192,17 @@ class StreamBrushDataset(IterableDataset):
 
 
 def collate_examples(examples: list[dict]) -> dict:
-    """Stack examples into the training batch contract (see the team brief / README)."""
+    """Stack examples into the loader's batch (see ``train/data/module.py``): uint8 images and keep-masks,
+    4-7x fewer bytes between processes than float32; ``pixel_values`` is a channels-last view (the copy to
+    NCHW happens in :func:`~train.data.transforms.normalize_batch`, on the device)."""
+    images = torch.from_numpy(np.stack([e["image"] for e in examples]))
+    keep = torch.from_numpy(np.stack([e["keep"] for e in examples]).view(np.uint8))
     batch = {
-        name: torch.stack([e[name] for e in examples])
-        for name in (
-            "pixel_values",
-            "conditioning_pixel_values",
-            "masks",
-            "input_ids",
-            "original_size",
-            "crop_top_left",
-        )
+        "pixel_values": images.permute(0, 3, 1, 2),
+        "masks": keep[:, None],
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.int64),
+        "crop_top_left": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.int64),
     }
     if "input_ids_2" in examples[0]:
         batch["input_ids_2"] = torch.stack([e["input_ids_2"] for e in examples])

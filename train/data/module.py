@@ -2,14 +2,17 @@
 
 Batch contract (consumed by ``train/module.py``)::
 
-    pixel_values               float32 Bx3xHxW in [-1, 1]
-    conditioning_pixel_values  float32 Bx3xHxW, the masked image: pixel_values where masks == 1, -1.0 in the hole
-    masks                      float32 Bx1xHxW, 1 = keep, 0 = inpaint
+    pixel_values               uint8 Bx3xHxW, 0..255 (a channels-last view)
+    masks                      uint8 Bx1xHxW, 1 = keep, 0 = inpaint
     input_ids                  int64 BxL (tokenizer); input_ids_2 int64 BxL (SDXL only, tokenizer_2)
     original_size              int64 Bx2 (h, w of the stored image); crop_top_left int64 Bx2 (in the resized image)
     keys                       list[str] sample keys
     num_bad                    int64 scalar: bad samples skipped to fill this batch (log it as a metric)
     bad_samples                list[(shard, key)] of those bad samples
+
+``train.data.transforms.normalize_batch`` (the first line of the module's loss, on the device) turns the uint8
+tensors into float32 ``pixel_values`` in [-1, 1], ``conditioning_pixel_values`` (the masked image, -1.0 in the
+hole) and float ``masks``: 4 bytes per pixel cross from the workers instead of 28.
 
 Exact resume (``mode="indexed"``): the sampler's global order is a pure function of ``(seed, epoch)`` and
 the samples consumed by all ranks form a prefix of it (see ``train/sampler.py``), so the data position is

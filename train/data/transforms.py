@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 
 from brushnet.brushdata import DecodedSample
 from brushnet.conditioning import CaptionTokenizers
@@ -52,8 +51,8 @@ class AugmentConfig:
 
 
 def choose_inpaint_mask(sample: DecodedSample, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
-    """Bool HxW, True = region to inpaint (before resize)."""
-    h, w = sample.image.shape[:2]
+    """Bool HxW at the stored size, True = region to inpaint (before resize)."""
+    h, w = sample.height, sample.width
     use_brush = rng.random() < cfg.random_mask_prob or not sample.masks_rle
     if use_brush:
         region = random_brush_mask(h, w, rng)
@@ -72,9 +71,11 @@ def resize_and_crop(
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Short side to ``resolution`` (bicubic, sizes rounded up as official), then a random square crop.
 
-    Returns the cropped image (uint8 HxWx3), keep mask (bool HxW) and the crop's (top, left) in the resized
-    image (SDXL's ``crops_coords_top_left``)."""
-    h, w = image.shape[:2]
+    ``keep`` has the stored size; ``image`` has it too, or is a reduced-scale decode of it (see
+    ``decode_sample(min_size=...)``): both go to the size computed from ``keep``'s, so the crop is the
+    same either way. Returns the cropped image (uint8 HxWx3), keep mask (bool HxW) and the crop's
+    (top, left) in the resized image (SDXL's ``crops_coords_top_left``)."""
+    h, w = keep.shape
     scale = resolution / min(h, w)
     h_new, w_new = max(resolution, int(np.ceil(h * scale))), max(resolution, int(np.ceil(w * scale)))
     image = cv2.resize(image, (w_new, h_new), interpolation=cv2.INTER_CUBIC)
@@ -89,20 +90,35 @@ def resize_and_crop(
 def make_example(
     sample: DecodedSample, rng: np.random.Generator, cfg: AugmentConfig, tokenizers: CaptionTokenizers
 ) -> dict:
-    """One training example of the batch contract (without the batch dimension)."""
+    """One training example: the uint8 crop (HxWx3) and keep-mask (bool HxW) as the workers send them, the
+    sizes, the key and the token ids. :func:`normalize_batch` makes the float model inputs on the device."""
     keep = np.asarray(inpaint_to_keep(choose_inpaint_mask(sample, rng, cfg)), dtype=bool)
     image, keep, crop_top_left = resize_and_crop(sample.image, keep, cfg.resolution, rng)
     caption = "" if rng.random() < cfg.proportion_empty_prompts else sample.caption
-    pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
-    keep_t = torch.from_numpy(keep)[None].float()
     example = {
-        "pixel_values": pixels / 127.5 - 1.0,
-        # official: masked_image = image * mask, then / 127.5 - 1  -> the hole is -1.0
-        "conditioning_pixel_values": (pixels * keep_t) / 127.5 - 1.0,
-        "masks": keep_t,
-        "original_size": torch.tensor(sample.image.shape[:2], dtype=torch.int64),
-        "crop_top_left": torch.tensor(crop_top_left, dtype=torch.int64),
+        "image": image,
+        "keep": keep,
+        "original_size": (sample.height, sample.width),
+        "crop_top_left": crop_top_left,
         "key": sample.key,
     }
     example.update(tokenizers(caption))
     return example
+
+
+def normalize_batch(batch: dict) -> dict:
+    """The model inputs of a loader batch, computed where the batch is (the GPU in training): uint8
+    ``pixel_values`` (0..255) and ``masks`` (1 = keep) -> float32 ``pixel_values`` in [-1, 1],
+    ``conditioning_pixel_values`` (official: ``image * mask / 127.5 - 1``, so the hole is -1.0) and float
+    ``masks``. A batch that is float already (a custom dataset, the tests) is returned as it is."""
+    pixels = batch["pixel_values"]
+    if pixels.is_floating_point():
+        return batch
+    pixels = pixels.float().contiguous()
+    keep = batch["masks"].float().contiguous()
+    return {
+        **batch,
+        "pixel_values": pixels / 127.5 - 1.0,
+        "conditioning_pixel_values": (pixels * keep) / 127.5 - 1.0,
+        "masks": keep,
+    }
