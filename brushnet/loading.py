@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from brushnet.errors import BrushNetError
+
 if TYPE_CHECKING:
     from brushnet.model import BrushNetModel
 
@@ -22,12 +24,12 @@ if TYPE_CHECKING:
 _ALLOW = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
 
-class BaseModelError(OSError):
+class BaseModelError(BrushNetError, OSError):
     """A base model (or one of its components) could not be found or loaded (an ``OSError``, as
     ``from_pretrained``'s own errors)."""
 
 
-class BranchMismatchError(ValueError):
+class BranchMismatchError(BrushNetError, ValueError):
     """A BrushNet branch does not fit the base UNet it is paired with."""
 
 

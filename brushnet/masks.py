@@ -20,8 +20,10 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from brushnet.errors import BrushNetError
 
-class MaskError(ValueError):
+
+class MaskError(BrushNetError, ValueError):
     """A mask or RLE that is malformed or does not fit the image it belongs to."""
 
 

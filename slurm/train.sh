@@ -19,7 +19,7 @@
 #   RUN_DIR      run directory (trainer.default_root_dir: checkpoints, exports, hpc_ckpt_*.ckpt, logs)
 #                default runs/<job name>-<job id>: a requeued job keeps its id, so it resumes from there;
 #                submitting again with the same RUN_DIR continues that run (from its last checkpoint)
-#   CKPT_PATH    --ckpt_path for `fit`             default auto (newer of hpc checkpoint and last.ckpt)
+#   CKPT_PATH    --ckpt_path for `fit`             default auto (newest valid checkpoint by step)
 #   PYTHON       interpreter                       default ./.venv/bin/python if present, else python3
 #   EXTRA_ARGS   more `fit` arguments, word-split  e.g. "--trainer.max_steps=20000 --data.batch_size=4"
 #   ACCELERATOR  sets --trainer.accelerator        default: the config's value

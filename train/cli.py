@@ -17,21 +17,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from train.data import BrushDataModule
 from train.module import BrushNetTrainingModule
-from train.requeue import SlurmRequeue, hpc_checkpoints
+from train.checkpointing import resolve_ckpt_path
+from train.requeue import SlurmRequeue
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger(__name__)
-
-
-def resolve_auto_ckpt(root_dir: str | Path) -> str | None:
-    """The checkpoint ``--ckpt_path auto`` resumes from: the newest hpc (requeue) checkpoint or last.ckpt,
-    whichever was written later (a run requeued at step 1,000 that later saved step 5,000 and then died on
-    a node failure must resume from 5,000); ``None`` when there is neither."""
-    root = Path(root_dir)
-    candidates = hpc_checkpoints(root)[-1:] + [p for p in [root / "checkpoints" / "last.ckpt"] if p.exists()]
-    if not candidates:
-        return None
-    return str(max(candidates, key=lambda p: p.stat().st_mtime_ns))
 
 
 class BrushNetCLI(LightningCLI):
@@ -41,9 +31,10 @@ class BrushNetCLI(LightningCLI):
 
     def before_fit(self) -> None:
         cfg = self.config_init["fit"]
-        if cfg.get("ckpt_path") == "auto":
-            cfg["ckpt_path"] = resolve_auto_ckpt(self.trainer.default_root_dir)
-            log.info("--ckpt_path auto: %s", cfg["ckpt_path"] or "no checkpoint found, starting fresh")
+        asked = cfg.get("ckpt_path")
+        cfg["ckpt_path"] = resolve_ckpt_path(asked, self.trainer)  # auto/last: the newest valid checkpoint
+        if asked in ("auto", "last"):
+            log.info("--ckpt_path %s: %s", asked, cfg["ckpt_path"] or "no checkpoint found, starting fresh")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> BrushNetCLI:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -25,7 +24,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from train.checkpointing import save_checkpoint_atomically
+from brushnet.atomic import remove_partials
+from train.checkpoint_io import remove_checkpoint_files, save_checkpoint_atomically, use_staged_io
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ class SlurmRequeue(L.Callback):
         # alone (Lightning only adds its SLURM handler where none is set).
         self._previous_handler = signal.signal(self.signum, self._on_signal)
         self._active = True
-        if trainer.is_global_zero:
-            for stale in Path(trainer.default_root_dir).glob(".*.partial-*"):  # a save killed midway
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        use_staged_io(trainer.strategy)  # verified loads, staged saves (also without BrushNetCheckpoint)
+        if trainer.is_global_zero and os.path.isdir(trainer.default_root_dir):
+            remove_partials(trainer.default_root_dir)  # a save killed midway
         log.info("Slurm job %s: on %s save hpc checkpoint, requeue, stop", slurm_job_id(), self.signum.name)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -107,7 +107,7 @@ class SlurmRequeue(L.Callback):
         if not trainer.is_global_zero:
             raise SystemExit(0)
         for old in older:
-            old.unlink(missing_ok=True)
+            remove_checkpoint_files(old)
         if not (requeue and self.requeue):
             raise SystemExit(0)
         job = slurm_job_id()

@@ -15,6 +15,7 @@ from typing import Any
 from brushnet.atomic import atomic_write_text
 from brushnet.brushdata.samples import BrushDataError
 from brushnet.brushdata.shards import SampleRecord, scan_shard
+from brushnet.errors import BrushNetError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ INDEX_FORMAT = "brushdata-index"
 INDEX_VERSION = 1
 
 
-class DatasetIndexError(ValueError):
+class DatasetIndexError(BrushNetError, ValueError):
     """An index file that is missing fields, of another format or version, or otherwise unusable."""
 
 

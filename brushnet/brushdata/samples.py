@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import PIL.Image
 
+from brushnet.errors import BrushNetError
 from brushnet.masks import MaskError, brushdata_rle_check, brushdata_rle_decode
 
 # The official member order and fields (official train_brushnet.py, MyWebDataset); ``json`` is our own.
@@ -25,7 +26,7 @@ _REDUCED_FLAGS = {1: 0, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COL
 _REDUCED_FLAGS[8] = cv2.IMREAD_REDUCED_COLOR_8
 
 
-class BrushDataError(ValueError):
+class BrushDataError(BrushNetError, ValueError):
     """A bad shard or sample; the message names the shard, the sample key and what is wrong."""
 
     def __init__(self, shard: str | os.PathLike, key: str, reason: str) -> None:

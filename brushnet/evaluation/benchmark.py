@@ -21,6 +21,7 @@ import numpy as np
 import PIL.Image
 
 from brushnet import atomic
+from brushnet.errors import BrushNetError
 from brushnet.masks import MaskError, benchmark_rle_decode
 
 MaskKind = Literal["inside", "outside"]
@@ -30,7 +31,7 @@ DEFAULT_SEED = 1234  # official evaluate_brushnet.py: torch.Generator(device).ma
 RUN_CONFIG = "generation.json"
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(BrushNetError, ValueError):
     """A malformed mapping file or entry, a missing image, or a resume with different generation settings."""
 
 

@@ -91,17 +91,17 @@ def tiny_dit_vae(factors: tuple[float, float], seed: int = 0):
 
 
 def tiny_sd3_transformer_config() -> dict:
-    """4 joint blocks, width 32; qk rms-norm and dual attention on blocks 0-1 (the SD3.5-medium form)."""
+    """4 joint blocks, width 64 (>= the 64 outputs per token); qk rms-norm and dual attention on blocks 0-1 (the SD3.5-medium form)."""
     return dict(
         sample_size=16,
         patch_size=2,
         in_channels=16,
         out_channels=16,
         num_layers=4,
-        attention_head_dim=16,
+        attention_head_dim=32,
         num_attention_heads=2,
         joint_attention_dim=32,  # = the tiny T5's d_model
-        caption_projection_dim=32,
+        caption_projection_dim=64,  # = the inner width (num_attention_heads * attention_head_dim)
         pooled_projection_dim=32,  # = CLIP-L pooled 16 + CLIP-G pooled 16
         pos_embed_max_size=16,
         dual_attention_layers=(0, 1),
@@ -110,18 +110,18 @@ def tiny_sd3_transformer_config() -> dict:
 
 
 def tiny_flux_transformer_config() -> dict:
-    """2 double- and 4 single-stream blocks, width 32, guidance embedding (the Flux.1-dev form)."""
+    """2 double- and 4 single-stream blocks, width 64, guidance embedding (the Flux.1-dev form)."""
     return dict(
         patch_size=1,
         in_channels=64,
         num_layers=2,
         num_single_layers=4,
-        attention_head_dim=16,
+        attention_head_dim=32,
         num_attention_heads=2,
         joint_attention_dim=32,
         pooled_projection_dim=16,
         guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        axes_dims_rope=(8, 12, 12),  # sums to attention_head_dim
     )
 
 

@@ -2,7 +2,7 @@
 
 It isolates the Slurm side of training: DDP from the Slurm allocation, the trainer's SIGUSR1 requeue
 (``train.requeue.SlurmRequeue``: hpc checkpoint at a step boundary + ``scontrol requeue``), and
-``--ckpt_path auto`` (``train.cli.resolve_auto_ckpt``) on restart. Every step uses the same batch,
+``--ckpt_path auto`` (``train.checkpointing.resolve_auto_ckpt``) on restart. Every step uses the same batch,
 so the result depends only on the model/optimizer state and the step count, not on the data position.
 Writes ``progress.txt`` (global step, rank 0) during training and ``final.pt`` + ``result.json`` at the end.
 """
@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from train.cli import resolve_auto_ckpt
+from train.checkpointing import resolve_auto_ckpt
 from train.requeue import SlurmRequeue
 
 

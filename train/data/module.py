@@ -298,6 +298,8 @@ class BrushDataModule(L.LightningDataModule):
         G = sampler.global_batch_size
         if trainer is not None and trainer.state.fn == "fit":
             epoch = trainer.current_epoch
+            if sampler.epoch < epoch:  # the fit loop closed the sampler's epoch (a run ends, max_steps mid-
+                return epoch, 0, 0  # epoch): Lightning resumes at the start of ``current_epoch``, so do we
             ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
             base_samples, base_batches = 0, 0
             if self._resumed is not None and self._resumed[0] == epoch:

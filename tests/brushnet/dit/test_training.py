@@ -1,0 +1,95 @@
+"""The DiT flow-matching objective: sigma sampling follows the scheduler's shift, and a few optimizer steps of the
+branch alone on a fixed batch bring the loss well below its start (tiny SD3 and Flux folders)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from brushnet.dit.family import FAMILIES, load_dit_base
+from brushnet.dit.training import FlowMatchingObjective, encode_batch
+
+
+@pytest.mark.parametrize(
+    "config, expected_median",
+    [
+        (dict(shift=1.0), 0.5),
+        (dict(shift=3.0), 0.75),  # SD3: 3 * 0.5 / (1 + 2 * 0.5)
+        (
+            dict(shift=3.0, use_dynamic_shifting=True),
+            math.exp(0.5) / (math.exp(0.5) + 1),
+        ),  # Flux, 256 tokens: mu = 0.5
+    ],
+)
+def test_logit_normal_sigmas_follow_the_scheduler_shift(config, expected_median):
+    scheduler_config = FlowMatchEulerDiscreteScheduler(**config).config
+    g = torch.Generator().manual_seed(0)
+    sigmas = FlowMatchingObjective().sample_sigmas(scheduler_config, 20000, (32, 32), "cpu", g)
+    assert sigmas.min() > 0 and sigmas.max() <= 1
+    assert abs(sigmas.median().item() - expected_median) < 0.01
+
+
+def test_mode_and_uniform_sampling_differ_and_weights_follow_the_scheme():
+    cfg = FlowMatchEulerDiscreteScheduler(shift=1.0).config
+    g = torch.Generator().manual_seed(0)
+    uniform = FlowMatchingObjective(weighting_scheme="uniform").sample_sigmas(cfg, 20000, (8, 8), "cpu", g)
+    mode = FlowMatchingObjective(weighting_scheme="mode").sample_sigmas(cfg, 20000, (8, 8), "cpu", g)
+    assert abs(uniform.mean().item() - 0.5) < 0.01
+    assert abs(mode.mean().item() - uniform.mean().item()) > 0.02 or abs(mode.std() - uniform.std()) > 0.02
+    s = torch.tensor([0.25, 0.5])
+    assert torch.equal(FlowMatchingObjective().weights(s), torch.ones(2))
+    torch.testing.assert_close(FlowMatchingObjective(weighting_scheme="sigma_sqrt").weights(s), s**-2.0)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(family, tiny_dit_bases):
+    parts = load_dit_base(tiny_dit_bases[family])
+    fam = FAMILIES[family]
+    transformer, vae = parts["transformer"], parts["vae"]
+    transformer.requires_grad_(False)
+    vae.requires_grad_(False)
+    branch = fam.build_branch(transformer, num_layers=2)
+    branch.train()
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    keep = torch.ones(2, 1, 64, 64)
+    keep[:, :, 16:48, 16:48] = 0
+    masked = pixels * keep - (1 - keep)  # hole -1, as the data pipeline's conditioning_pixel_values
+    latents, masked_latents, keep_latent = encode_batch(vae, pixels, masked, keep, g)
+    with torch.no_grad():
+        text = fam.encode_text(parts, ["a red cat", "a blue dog"], "cpu")
+    objective = FlowMatchingObjective()
+    optimizer = torch.optim.AdamW(branch.parameters(), lr=3e-3)
+
+    def loss(seed: int, use_branch: bool = True):
+        gen = torch.Generator().manual_seed(seed)  # the same noise and sigmas at every step
+        return objective.loss(
+            fam,
+            transformer,
+            branch,
+            latents,
+            masked_latents,
+            keep_latent,
+            text,
+            parts["scheduler"].config,
+            gen,
+            use_branch=use_branch,
+        )
+
+    with torch.no_grad():
+        base_only = loss(0, use_branch=False).item()
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad(set_to_none=True)
+        value = loss(0)
+        value.backward()
+        optimizer.step()
+        losses.append(value.item())
+    assert losses[0] == pytest.approx(base_only, rel=1e-6)  # zero branch: the base's loss
+    # measured: SD3 4.25 -> 2.27 (0.53), Flux 1.60 -> 0.48 (0.30); the tiny bases' frozen output layers bound
+    # how close the residuals can bring the prediction to the target
+    assert losses[-1] < 0.6 * losses[0]
+    assert all(p.grad is None for p in transformer.parameters())
