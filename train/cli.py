@@ -15,9 +15,9 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from train.checkpointing import resolve_ckpt_path
 from train.data import BrushDataModule
 from train.module import BrushNetTrainingModule
-from train.checkpointing import resolve_ckpt_path
 from train.requeue import SlurmRequeue
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
