@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from brushnet.console import EXIT_STATUS_HELP, keep_bitsandbytes_lazy, run_console
+
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -19,7 +21,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from brushnet.evaluation import cli as evaluate_cli
     from brushnet.pipeline import SCHEDULERS
 
-    parser = argparse.ArgumentParser(prog="brushnet", description="BrushNet inpainting tools.")
+    parser = argparse.ArgumentParser(
+        prog="brushnet", description=f"BrushNet inpainting tools. {EXIT_STATUS_HELP}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "inpaint",
@@ -133,20 +137,18 @@ def inpaint(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``brushnet``; returns the exit status (:func:`brushnet.console.run_console`)."""
+    keep_bitsandbytes_lazy()
+    return run_console("brushnet", _run, argv)
+
+
+def _run(argv: list[str]) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "evaluate":
         from brushnet.evaluation import cli as evaluate_cli
 
         return evaluate_cli.run(args)
-    if args.command == "inpaint":
-        from brushnet.loading import BaseModelError
-
-        try:
-            out = inpaint(args)
-        except (FileNotFoundError, ValueError, BaseModelError) as e:
-            print(f"brushnet inpaint: error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {out}")
+    print(f"wrote {inpaint(args)}")
     return 0
 
 

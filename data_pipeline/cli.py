@@ -12,7 +12,8 @@ from typing import Any
 
 from jsonargparse import ArgumentError, ArgumentParser
 
-from data_pipeline.config import ConfigError, PipelineConfig, add_config_arguments, load_config
+from brushnet.console import run_console
+from data_pipeline.config import PipelineConfig, add_config_arguments, load_config
 from data_pipeline.layout import RunLayout
 from data_pipeline.progress import StageReport, format_summary
 from data_pipeline.sharding import WHOLE_JOB, TaskSlice, resolve_task_slice
@@ -111,10 +112,15 @@ def _config(command: str, given: dict[str, Any]) -> PipelineConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``brushnet-data``; returns the exit status (:func:`brushnet.console.run_console`)."""
+    return run_console("brushnet-data", _run, argv)
+
+
+def _run(argv: list[str]) -> int:
     try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv, defaults=False)
+        args = build_parser().parse_args(argv, defaults=False)
     except ArgumentError as e:
-        print(f"error: {' '.join(str(e).split())} (see --help)", file=sys.stderr)
+        print(f"brushnet-data: error: {' '.join(str(e).split())} (see --help)", file=sys.stderr)
         return 2
     command = args.command
     given = args[command].as_dict()  # only what the command line gives (defaults=False)
@@ -122,22 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if given.get("verbose") else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        if command == "bench":
-            from data_pipeline.tools.bench import run_bench
+    if command == "bench":
+        from data_pipeline.tools.bench import run_bench
 
-            return run_bench(**given)
-        cfg = _config(command, given)
-        if command == "demo":
-            from data_pipeline.tools.demo import run_demo
+        return run_bench(**given)
+    cfg = _config(command, given)
+    if command == "demo":
+        from data_pipeline.tools.demo import run_demo
 
-            return run_demo(cfg)
-        task = resolve_task_slice(given.get("shard_index"), given.get("num_shards"))
-        if command == "chain":
-            return run_chain(cfg, task)
-        report = run_stage(command, cfg, task, split_by=given.get("split_by") or "shard")
-        print(format_summary([report]), flush=True)
-        return 1 if stage_failed(report) else 0
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run_demo(cfg)
+    task = resolve_task_slice(given.get("shard_index"), given.get("num_shards"))
+    if command == "chain":
+        return run_chain(cfg, task)
+    report = run_stage(command, cfg, task, split_by=given.get("split_by") or "shard")
+    print(format_summary([report]), flush=True)
+    return 1 if stage_failed(report) else 0

@@ -1,7 +1,10 @@
 """``brushnet-train fit --config configs/<name>.yaml`` (also ``python -m train``): LightningCLI.
 
 The DataModule's ``tokenizer`` is linked to the model's ``pretrained_model_name_or_path`` (one base path
-in the config), and the resolved config is saved as ``config.yaml`` in every run's log folder.
+in the config), ``--seed_everything`` is the run's one seed (``model.seed`` and ``data.seed`` follow it),
+every logger writes under ``trainer.default_root_dir``, and the resolved config is saved as ``config.yaml``
+in every run's log folder. The optimizer is chosen with ``--model.optimizer`` only (LightningCLI's own
+``--optimizer``/``--lr_scheduler`` groups are off), and ``fit`` is the only subcommand.
 ``--ckpt_path auto`` (what ``slurm/train.sh`` passes) resumes from the newer of the requeue checkpoint
 (``<default_root_dir>/hpc_ckpt_<n>.ckpt``) and ``<default_root_dir>/checkpoints/last.ckpt``, else starts fresh.
 :class:`train.requeue.SlurmRequeue` is always installed (options under ``requeue:``).
@@ -10,24 +13,70 @@ in the config), and the resolved config is saved as ``config.yaml`` in every run
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from brushnet.console import EXIT_STATUS_HELP, run_console
 from train.checkpointing import resolve_ckpt_path
 from train.data import BrushDataModule
 from train.module import BrushNetTrainingModule
+from train.nonfinite import NonFiniteLossError
 from train.requeue import SlurmRequeue
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger(__name__)
 
+# Expected training errors on top of brushnet.errors.EXPECTED_ERRORS: one line on stderr, exit 2.
+TRAINING_ERRORS: tuple[type[BaseException], ...] = (MisconfigurationException, NonFiniteLossError)
+
+DESCRIPTION = (
+    f"Train a BrushNet branch. {EXIT_STATUS_HELP} --seed_everything N is the run's one seed: model.seed, "
+    "data.seed and the validation grids' seed follow it."
+)
+
+
+def _run_folder(default_root_dir: str | None) -> str:
+    """A logger's ``save_dir``: the run folder (Lightning's default for it is the working directory)."""
+    return default_root_dir if default_root_dir is not None else "."
+
 
 class BrushNetCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` only: the module has no validation/test/predict loop."""
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
+    def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # An int, not Lightning's ``bool | int``: a random seed (``true``) would differ on every rerun of the
+        # same command, so ``--ckpt_path last`` would resume with another data order.
+        parser.add_argument(
+            "--seed_everything",
+            type=int,
+            default=0,
+            help="the run's seed: model.seed (noise, timesteps), data.seed (order, masks, augmentation) "
+            "and the validation grids' seed (unless set in ValidationGrids) are this value",
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.pretrained_model_name_or_path", "data.tokenizer")
+        # The same value works for both: the model seeds a torch generator from (seed, rank, step) and the
+        # data numpy generators from (seed, epoch, index), so the streams are unrelated.
+        parser.link_arguments("seed_everything", "model.seed")
+        parser.link_arguments("seed_everything", "data.seed")
+        parser.link_arguments(
+            "trainer.default_root_dir", "trainer.logger.init_args.save_dir", compute_fn=_run_folder
+        )
         parser.add_lightning_class_args(SlurmRequeue, "requeue")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str]) -> None:
+        """Lightning's, without its warning about ``args`` next to ``sys.argv`` (``main`` reads ``sys.argv``
+        itself and passes the arguments on), refusing a logger ``save_dir``: jsonargparse would silently
+        replace it with the run folder (the link above)."""
+        if any(a.startswith("--trainer.logger") and a.split("=")[0].endswith("save_dir") for a in args):
+            parser.error("a logger's save_dir is the run folder: set --trainer.default_root_dir instead")
+        self.config = parser.parse_args(args)
 
     def before_fit(self) -> None:
         cfg = self.config_init["fit"]
@@ -37,19 +86,30 @@ class BrushNetCLI(LightningCLI):
             log.info("--ckpt_path %s: %s", asked, cfg["ckpt_path"] or "no checkpoint found, starting fresh")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> BrushNetCLI:
-    """Entry point of ``brushnet-train``; ``args`` defaults to ``sys.argv[1:]``."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_cli(args: list[str], run: bool = True) -> BrushNetCLI:
+    """Parse ``args`` (e.g. ``["fit", "--config", ...]``), build model, data and trainer, and run the
+    subcommand unless ``run=False``."""
     return BrushNetCLI(
         BrushNetTrainingModule,
         BrushDataModule,
         save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        args=args if args is not None else sys.argv[1:],
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": DESCRIPTION},
+        args=args,
         run=run,
     )
 
 
+def main(args: list[str] | None = None) -> int:
+    """Entry point of ``brushnet-train``; ``args`` defaults to ``sys.argv[1:]``. Returns the exit status."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_console("brushnet-train", _run, args, TRAINING_ERRORS)
+
+
+def _run(args: list[str]) -> None:
+    build_cli(args)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -130,7 +130,9 @@ class ValidationGrids(L.Callback):
     Grids go to ``<out_dir or trainer.log_dir/validation>/step-XXXXXXXX/<i>.png`` and to every logger that
     takes images (W&B, TensorBoard). Under DDP global rank 0 renders; the other ranks wait at a bounded
     barrier. Under FSDP2 (sharded branch) every rank renders, since each forward gathers the shards, and
-    rank 0 writes. Without a working pipeline the callback logs why and switches itself off.
+    rank 0 writes. Without a working pipeline the callback logs why and switches itself off. Sample ``i``
+    is drawn with seed ``seed + i``; ``seed=None`` (default) takes the module's ``seed`` (the CLI's
+    ``--seed_everything``).
     """
 
     def __init__(
@@ -141,7 +143,7 @@ class ValidationGrids(L.Callback):
         num_inference_steps: int = 20,
         guidance_scale: float = 7.5,
         conditioning_scale: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
         use_ema: bool = False,
         out_dir: str | None = None,
         at_end: bool = True,
@@ -226,6 +228,7 @@ class ValidationGrids(L.Callback):
         for m in modes:
             m.eval()
         grids = []
+        seed = pl_module.hparams.get("seed", 0) if self.seed is None else self.seed
         try:
             for i, s in enumerate(self.samples):
                 image = load_validation_image(s.image, self.resolution)
@@ -237,7 +240,7 @@ class ValidationGrids(L.Callback):
                     num_inference_steps=self.num_inference_steps,
                     guidance_scale=self.guidance_scale,
                     brushnet_conditioning_scale=self.conditioning_scale,
-                    generator=torch.Generator(device="cpu").manual_seed(self.seed + i),
+                    generator=torch.Generator(device="cpu").manual_seed(seed + i),
                     blend=False,
                     output_type="pil",
                 ).images[0]

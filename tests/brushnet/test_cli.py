@@ -95,7 +95,7 @@ def test_bad_inputs_fail_clearly(inputs, tmp_path, capsys, extra, override, mess
     out = tmp_path / "out.png"
     assert main(_args(inputs, out, *extra, **override)) == 2
     err = capsys.readouterr().err
-    assert "brushnet inpaint: error:" in err and message in err
+    assert "brushnet: error:" in err and message in err
     assert not out.exists()
 
 

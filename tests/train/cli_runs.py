@@ -72,6 +72,5 @@ def cli_args(base: Path, data: Path, run: Path, extra_config: Path, *more: str) 
         "--data.train_shards",
         str(data),
         f"--trainer.default_root_dir={run}",
-        f"--trainer.logger.init_args.save_dir={run}",
         *more,
     ]

@@ -74,4 +74,4 @@ def test_official_hyperparameters():
 
 def test_bad_value_is_named():
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--model.optimizer=sgd"], run=True)
+        main(["fit", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--model.optimizer=sgd"])
