@@ -110,9 +110,8 @@ class LabelConfig:
 @dataclass
 class PipelineConfig:
     out: str = "data/brushdata"
-    metadata: list[str] | str = field(
-        default_factory=list
-    )  # files, folders or globs; one string is a list of one
+    # metadata parquet files, folders or globs; a single string is a list of one
+    metadata: list[str] | str = field(default_factory=list)
     filter: FilterConfig = field(default_factory=FilterConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     label: LabelConfig = field(default_factory=LabelConfig)

@@ -1,5 +1,5 @@
-"""`python -m data_pipeline bench --out DIR`: label images/s per labeller, shard write MB/s, and the
-img2dataset download rate on loopback. Prints one JSON object (also written to DIR/bench.json)."""
+"""`python -m data_pipeline bench --out DIR`: label images/s per labeller, shard write and index MB/s, and
+the img2dataset download rate on loopback. Prints one JSON object (also written to DIR/bench.json)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from brushnet.brushdata import BrushDataSample, ShardWriter
+from brushnet.brushdata import BrushDataSample, ShardWriter, write_index
 from brushnet.masks import brushdata_rle_encode
 from data_pipeline.config import ClassicalConfig, DownloadConfig, SamConfig
 from data_pipeline.download import DownloadUnit, read_stats, run_img2dataset
@@ -70,6 +70,21 @@ def bench_shard_write(out: Path, images: list[np.ndarray], samples: int = 200) -
         "mb": round(size / 1e6, 1),
         "mb_per_s": round(size / 1e6 / seconds, 1),
         "samples_per_s": round(samples / seconds, 1),
+    }
+
+
+def bench_index(shard: Path, repeats: int = 3) -> dict:
+    """write_index on one shard: the tar scan (member offsets from the headers) and the sha256 of the data."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        index = write_index([shard], shard.with_name("bench-index.json"))
+        seconds.append(time.perf_counter() - start)
+    best, size = min(seconds), shard.stat().st_size
+    return {
+        "samples": index.num_samples,
+        "samples_per_s": round(index.num_samples / best, 1),
+        "mb_per_s": round(size / 1e6 / best, 1),
     }
 
 
@@ -151,6 +166,7 @@ def run_bench(out: Path, images: int = 8, urls: int = 200, sam_encoder: str | No
     if sam_encoder:
         results["label"].append(bench_sam_encoder(sam_encoder))
     results["shard_write"] = bench_shard_write(out, pics)
+    results["index"] = bench_index(out / "bench.tar")
     results["download"] = [bench_download(out, site, urls, p) for p in (1, 2)]
     text = json.dumps(results, indent=2)
     (out / "bench.json").write_text(text)
