@@ -93,3 +93,57 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(family, tiny_dit_bases):
     # how close the residuals can bring the prediction to the target
     assert losses[-1] < 0.6 * losses[0]
     assert all(p.grad is None for p in transformer.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_training_on_fresh_batches_lowers_the_held_out_loss(family, tiny_dit_bases):
+    """100 steps on new random images / noise every step; the loss on unseen images and noise falls below
+    the frozen base's (measured: SD3 4.27 -> 3.90, Flux 1.48 -> 0.81)."""
+    parts = load_dit_base(tiny_dit_bases[family])
+    fam = FAMILIES[family]
+    transformer, vae, config = parts["transformer"], parts["vae"], parts["scheduler"].config
+    transformer.requires_grad_(False)
+    branch = fam.build_branch(transformer, num_layers=2)
+    branch.train()
+
+    def data(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        pixels = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
+        keep = torch.ones(4, 1, 64, 64)
+        keep[:, :, 16:48, 16:48] = 0
+        return encode_batch(vae, pixels, pixels * keep - (1 - keep), keep, g)
+
+    with torch.no_grad():
+        text = fam.encode_text(parts, ["a red cat"] * 4, "cpu")
+    objective = FlowMatchingObjective()
+    held_out = data(999)
+
+    def held_out_loss(use_branch: bool) -> float:
+        with torch.no_grad():
+            return (
+                sum(
+                    objective.loss(
+                        fam,
+                        transformer,
+                        branch,
+                        *held_out,
+                        text,
+                        config,
+                        torch.Generator().manual_seed(10_000 + s),
+                        use_branch=use_branch,
+                    ).item()
+                    for s in range(8)
+                )
+                / 8
+            )
+
+    base_only = held_out_loss(False)
+    optimizer = torch.optim.AdamW(branch.parameters(), lr=3e-3)
+    for step in range(100):
+        optimizer.zero_grad(set_to_none=True)
+        objective.loss(
+            fam, transformer, branch, *data(step), text, config, torch.Generator().manual_seed(step)
+        ).backward()
+        optimizer.step()
+    assert held_out_loss(True) < 0.95 * base_only
