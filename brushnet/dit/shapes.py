@@ -100,6 +100,70 @@ def table() -> list[dict]:
     return rows
 
 
+# Text encoders (the released text_encoder*/config.json): CLIP ViT-L/14, OpenCLIP ViT-bigG/14 text tower, T5 v1.1 XXL.
+CLIP_L = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
+)
+CLIP_G = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
+)
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu")
+TEXT_ENCODERS = {"sd3": ("clip_l", "clip_g", "t5_xxl"), "flux": ("clip_l", "t5_xxl")}
+
+
+def text_encoder_params() -> dict[str, int]:
+    """Parameter counts of the released text encoders, built on the meta device."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        return {
+            "clip_l": count(CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **CLIP_L))),
+            "clip_g": count(CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **CLIP_G))),
+            "t5_xxl": count(T5EncoderModel(T5Config(vocab_size=32128, **T5_XXL))),
+        }
+
+
+# Bytes per trainable parameter: fp32 weights + fp32 grads + optimizer state (AdamW: 2 fp32 moments;
+# bitsandbytes AdamW8bit: 2 uint8 moments + one fp32 absmax per 256-value block each, as the README's
+# SD 1.5 table measures).
+_TRAIN_BYTES = {"AdamW": 4 + 4 + 8, "AdamW8bit": 4 + 4 + 2 + 2 * 4 / 256}
+
+
+def memory_rows(ranks: tuple[int, ...] = (1, 8)) -> list[dict]:
+    """Per-GPU GiB of weights, gradients and optimizer state (no activations) for the default branches.
+
+    The frozen transformer is bf16 and sharded like the branch under FSDP2 (ranks > 1), buffers replicated; text encoders
+    (bf16, replicated) are counted apart since cached text embeddings remove them from training.
+    """
+    text = text_encoder_params()
+    rows = []
+    for name, (family, _) in BASES.items():
+        base = meta_transformer(name)
+        branch_model = meta_branch(base)
+        branch = count(branch_model)
+        # SD3's positional table is a saved buffer: bf16 in the base, an fp32 copy in the branch (replicated)
+        buffers = sum(b.numel() for b in base.buffers())
+        branch_buffers = sum(b.numel() for b in branch_model.buffers())
+        text_gib = 2 * sum(text[t] for t in TEXT_ENCODERS[family]) / 2**30
+        for optimizer, per_param in _TRAIN_BYTES.items():
+            for n in ranks:
+                rows.append(
+                    dict(
+                        base=name,
+                        strategy="DDP" if n == 1 else f"FSDP2 x{n}",
+                        optimizer=optimizer,
+                        branch_gib=(branch * per_param / n + 4 * branch_buffers) / 2**30,
+                        base_gib=2 * (count(base) + buffers) / n / 2**30,
+                        text_gib=text_gib,
+                    )
+                )
+    return rows
+
+
 if __name__ == "__main__":
     print("| base | base params | base blocks fed | branch blocks | branch params | % of base | with text |")
     print("|---|---|---|---|---|---|---|")
@@ -109,4 +173,16 @@ if __name__ == "__main__":
             f"| {r['base']} | {r['base_params'] / 1e9:.2f} B | {r['base_blocks']} | {r['branch_layers']}{mark} | "
             f"{r['branch_params'] / 1e6:.0f} M | {100 * r['branch_params'] / r['base_params']:.1f} | "
             f"{r['branch_text_params'] / 1e6:.0f} M |"
+        )
+    print()
+    print({k: f"{v / 1e6:.1f} M" for k, v in text_encoder_params().items()})
+    print(
+        "| base | strategy | optimizer | branch GiB | frozen transformer GiB | sum GiB | + text encoders GiB |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in memory_rows():
+        total = r["branch_gib"] + r["base_gib"]
+        print(
+            f"| {r['base']} | {r['strategy']} | {r['optimizer']} | {r['branch_gib']:.1f} | {r['base_gib']:.1f} | "
+            f"{total:.1f} | {total + r['text_gib']:.1f} |"
         )
