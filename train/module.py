@@ -368,7 +368,9 @@ class BrushNetTrainingModule(L.LightningModule):
         )
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         scheduler = build_scheduler(optimizer, hp.lr_scheduler, hp.lr_warmup_steps, total, hp.lr_min_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # "name": the metric Lightning's LearningRateMonitor logs
+        schedule = {"scheduler": scheduler, "interval": "step", "name": "train/lr"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # -------------------------------------------------------------- checkpoints
     def branch_is_finite(self) -> bool:

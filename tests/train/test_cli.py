@@ -58,7 +58,8 @@ def test_fit_checkpoints_exports_grids_and_resumes(tmp_path, tiny_base_sd15, dat
     logged = {k for r in rows for k, v in r.items() if v}
     assert {
         "train/loss",
-        "train/samples_per_s",
+        "train/device/samples_per_sec",
+        "train/grad_norm",
         "train/peak_mem_gb",
         "train/lr",
         "train/bad_samples",
