@@ -100,6 +100,49 @@ def table() -> list[dict]:
     return rows
 
 
+_TEXT_STREAM = (
+    "norm1_context.",
+    "norm2_context.",
+    "ff_context.",
+    "attn.add_",
+    "attn.to_add_out.",
+    "attn.norm_added_",
+)
+# Tokens at 1024 x 1024: 64 x 64 patches of the 128 x 128 latent; text: SD3 77 CLIP + 256 T5, Flux 512 T5.
+_TOKENS_1024 = {"sd3": (4096, 333), "flux": (4096, 512)}
+
+
+def _linear_flops(block, tokens: int, text_tokens: int = 0) -> float:
+    """2 FLOPs per matrix weight per token it sees (text-stream weights see the text tokens only)."""
+    return sum(
+        2 * p.numel() * (text_tokens if n.startswith(_TEXT_STREAM) else tokens)
+        for n, p in block.named_parameters()
+        if p.ndim == 2
+    )
+
+
+def compute_overhead(name: str) -> dict[str, float]:
+    """Branch / base forward FLOPs at 1024 px, and the training overhead ``3 F_branch / (2 F_base)``.
+
+    The frozen base runs forward and backward for activations only (~2 F_base); the branch forward and a full
+    backward (~3 F_branch). Embeddings and the output layer are left out (negligible).
+    """
+    family, _ = BASES[name]
+    base = meta_transformer(name)
+    branch = meta_branch(base)
+    image, text = _TOKENS_1024[family]
+    dim = base.inner_dim
+    attention = lambda seq: 4 * seq * seq * dim  # noqa: E731 - QK^T and AV
+    f_base = sum(_linear_flops(b, image, text) + attention(image + text) for b in base.transformer_blocks)
+    f_base += sum(
+        _linear_flops(b, image + text) + attention(image + text)
+        for b in getattr(base, "single_transformer_blocks", [])
+    )
+    f_branch = sum(_linear_flops(b, image) + attention(image) for b in branch.transformer_blocks)
+    f_branch += _linear_flops(branch.brushnet_blocks, image)
+    return {"inference": f_branch / f_base, "training": 3 * f_branch / (2 * f_base)}
+
+
 # Text encoders (the released text_encoder*/config.json): CLIP ViT-L/14, OpenCLIP ViT-bigG/14 text tower, T5 v1.1 XXL.
 CLIP_L = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
@@ -175,6 +218,12 @@ if __name__ == "__main__":
             f"{r['branch_text_params'] / 1e6:.0f} M |"
         )
     print()
+    for name in BASES:
+        overhead = compute_overhead(name)
+        print(
+            f"{name}: branch FLOPs / base FLOPs at 1024 px: inference +{100 * overhead['inference']:.0f}%, "
+            f"training +{100 * overhead['training']:.0f}%"
+        )
     print({k: f"{v / 1e6:.1f} M" for k, v in text_encoder_params().items()})
     print(
         "| base | strategy | optimizer | branch GiB | frozen transformer GiB | sum GiB | + text encoders GiB |"

@@ -41,3 +41,14 @@ def test_branch_is_input_embedding_time_embedding_image_streams_and_zero_linears
     assert count(meta_branch(base, branch_text=True)) == expected + count(base.context_embedder) + sum(
         count(base.transformer_blocks[k]) - _image_stream_params(base.transformer_blocks[k]) for k in range(n)
     )
+
+
+def test_compute_overhead_follows_the_branch_depth():
+    from brushnet.dit.shapes import compute_overhead
+
+    medium, flux = compute_overhead("sd3.5-medium"), compute_overhead("flux.1-dev")
+    for o in (medium, flux):
+        assert o["training"] == pytest.approx(1.5 * o["inference"])
+    # 6 image-only blocks of 24 joint blocks: a bit over a quarter (the first blocks carry SD3.5's attn2);
+    # 5 of Flux's 57 blocks: under a tenth
+    assert 0.25 < medium["inference"] < 0.3 and 0.05 < flux["inference"] < 0.1
