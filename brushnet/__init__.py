@@ -8,9 +8,13 @@ from importlib import import_module
 from typing import Any
 
 __all__ = [
+    "BrushNetFluxInpaintPipeline",
+    "BrushNetFluxModel",
     "BrushNetInpaintPipeline",
     "BrushNetModel",
     "BrushNetOutput",
+    "BrushNetSD3InpaintPipeline",
+    "BrushNetSD3Model",
     "brushnet_residuals",
     "unet_forward_with_brushnet",
 ]
@@ -21,6 +25,10 @@ _WHERE = {
     "unet_forward_with_brushnet": "brushnet.injection",
     "brushnet_residuals": "brushnet.injection",
     "BrushNetInpaintPipeline": "brushnet.pipeline",
+    "BrushNetSD3Model": "brushnet.dit.sd3_model",
+    "BrushNetFluxModel": "brushnet.dit.flux_model",
+    "BrushNetSD3InpaintPipeline": "brushnet.dit.pipeline_sd3",
+    "BrushNetFluxInpaintPipeline": "brushnet.dit.pipeline_flux",
 }
 
 
