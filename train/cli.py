@@ -13,7 +13,6 @@ in every run's log folder. The optimizer is chosen with ``--model.optimizer`` on
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -25,7 +24,6 @@ from train.module import BrushNetTrainingModule
 from train.nonfinite import NonFiniteLossError
 from train.requeue import SlurmRequeue
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger(__name__)
 
 # Expected training errors on top of brushnet.errors.EXPECTED_ERRORS: one line on stderr, exit 2.
