@@ -48,7 +48,7 @@ def branch_residuals(
             added_cond = {k: v.chunk(2)[1] for k, v in added_cond.items()}
     else:
         sample = model_in
-        cond = torch.cat([cond] * 2) if cfg else cond
+        cond = torch.cat([cond] * 2) if cfg and len(cond) != len(sample) else cond  # unless one per half
     dtype = brushnet.dtype
     if added_cond is not None:
         added_cond = {k: v.to(dtype) for k, v in added_cond.items()}

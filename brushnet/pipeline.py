@@ -62,11 +62,18 @@ SCHEDULERS = {
 }
 
 
+# Config overrides of a short name. `unipc`: the official BrushNet ran the UniPC of its vendored diffusers 0.27,
+# whose set_timesteps ended at the training schedule's smallest sigma; diffusers >= 0.28 added
+# `final_sigmas_type` with default "zero", so reproducing the paper needs "sigma_min" (the class name
+# "UniPCMultistepScheduler" gives stock diffusers).
+SCHEDULER_OVERRIDES: dict[str, dict[str, Any]] = {"unipc": {"final_sigmas_type": "sigma_min"}}
+
+
 def make_scheduler(name: str | SchedulerMixin, base_config: Any) -> SchedulerMixin:
     """A scheduler by short name or diffusers class name, built from the base model's scheduler config."""
     if isinstance(name, SchedulerMixin):
         return name
-    return _scheduler_class(name).from_config(base_config)
+    return _scheduler_class(name).from_config(base_config, **SCHEDULER_OVERRIDES.get(name.lower(), {}))
 
 
 def _scheduler_class(name: str) -> type[SchedulerMixin]:
@@ -197,14 +204,18 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
             if upcast:
                 self.vae.to(dtype)
 
-    def _condition_latents(self, masked_rgb: np.ndarray, keep: np.ndarray, generator) -> torch.Tensor:
-        """``cat([VAE(masked image) * scaling_factor, keep mask at latent size], 1)``: 1 x 5 x h x w."""
+    def _condition_latents(
+        self, masked_rgb: np.ndarray, keep: np.ndarray, generator, copies: int = 1
+    ) -> torch.Tensor:
+        """``cat([VAE(masked image) * scaling_factor, keep mask at latent size], 1)``: copies x 5 x h x w,
+        one VAE sample per copy."""
         device = self._execution_device
         pixels = torch.from_numpy(masked_rgb).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        pixels = pixels.expand(copies, -1, -1, -1)
         with self._vae_precision() as vae_dtype:
             dist = self.vae.encode(pixels.to(device, vae_dtype)).latent_dist
             latents = dist.sample(generator) * self.vae.config.scaling_factor
-        mask = torch.from_numpy(keep.astype(np.float32))[None, None].to(device)
+        mask = torch.from_numpy(keep.astype(np.float32))[None, None].to(device).expand(copies, -1, -1, -1)
         mask = F.interpolate(mask, size=latents.shape[-2:])  # nearest, as the official pipeline
         return torch.cat([latents.float(), mask], dim=1)
 
@@ -244,6 +255,7 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
         target_size: tuple[int, int] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        masked_image_encoding: str = "once",
     ) -> BrushNetInpaintOutput | tuple:
         """Inpaint the white region of ``mask`` in ``image`` following ``prompt``.
 
@@ -253,7 +265,14 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
         blurred paste-back. ``original_size``, ``crops_coords_top_left``, ``target_size``: SDXL
         micro-conditioning (default: the processing size, (0, 0), the processing size).
         ``output_type``: "pil", "np" (uint8 N x H x W x 3) or "latent" (no decoding, no blending).
+        ``masked_image_encoding``: "once" (one VAE sample of the masked image for the whole batch and both
+        CFG halves) or "official" (one sample per image and CFG half, as the official pipelines encode the
+        CFG-doubled batch).
         """
+        if masked_image_encoding not in ("once", "official"):
+            raise ValueError(
+                f"masked_image_encoding must be 'once' or 'official', got {masked_image_encoding!r}"
+            )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None
         if negative_prompt is not None:
@@ -324,8 +343,9 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
         # Drawn after the initial noise (the official pipeline samples the VAE from the global RNG).
-        cond = self._condition_latents(masked_rgb, keep, generator).to(device, self.brushnet.dtype)
-        cond = cond.expand(batch, -1, -1, -1)
+        copies = 1 if masked_image_encoding == "once" else batch * (2 if cfg and not guess_mode else 1)
+        cond = self._condition_latents(masked_rgb, keep, generator, copies).to(device, self.brushnet.dtype)
+        cond = cond.expand(batch, -1, -1, -1) if copies == 1 else cond
 
         step_kwargs = {}
         step_params = set(inspect.signature(self.scheduler.step).parameters)

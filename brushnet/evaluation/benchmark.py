@@ -137,6 +137,7 @@ class GenerationSettings:
     guidance: float = 7.5
     seed: int = DEFAULT_SEED
     blur_size: int = 21
+    masked_image_encoding: str = "official"  # one VAE sample per CFG half, as the official pipeline
 
 
 @dataclass
@@ -210,5 +211,6 @@ def inpaint_item(pipe: Any, item: BenchmarkItem, source: np.ndarray, settings: G
         generator=generator,
         blend=settings.blended,
         blur_size=settings.blur_size,
+        masked_image_encoding=settings.masked_image_encoding,
         output_type="pil",
     ).images[0]

@@ -47,7 +47,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="blurred paste-back into the source (official --blended; default off)",
     )
     p.add_argument("--conditioning-scale", type=float, default=1.0, help="brushnet_conditioning_scale")
-    p.add_argument("--scheduler", default="unipc", help="scheduler short name or class (default unipc)")
+    p.add_argument(
+        "--scheduler",
+        default="unipc",
+        help="scheduler short name or class (default unipc: ends at the smallest sigma like the official run)",
+    )
+    p.add_argument(
+        "--masked-image-encoding",
+        choices=["official", "once"],
+        default="official",
+        help="official: one VAE sample of the masked image per CFG half (official pipeline); once: one shared",
+    )
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"per-image seed (default {DEFAULT_SEED})")
@@ -114,6 +124,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Path]:
             steps=args.steps,
             guidance=args.guidance,
             seed=args.seed,
+            masked_image_encoding=args.masked_image_encoding,
         )
         dtype = getattr(torch, _DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
         pipe = BrushNetInpaintPipeline.from_base(

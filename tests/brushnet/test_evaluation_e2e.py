@@ -142,6 +142,7 @@ def test_generation_skips_done_images_and_resumes_the_rest(setup, tmp_path):
     kwargs = calls[1][2]
     assert (kwargs["num_inference_steps"], kwargs["guidance_scale"], kwargs["blend"]) == (3, 2.0, False)
     assert kwargs["generator"].initial_seed() == 7
+    assert kwargs["masked_image_encoding"] == "official"  # one VAE sample per CFG half, as the official
     # an interrupted write leaves no file under the final name: only complete images count as done
     output_paths(out, items[2])[0].parent.joinpath(".coffee.jpg.x.tmp").write_bytes(b"partial")
     assert generate(fake_pipe, items, setup["bench"], out, settings).generated == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, UniPCMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, UniPCMultistepScheduler
 
 from brushnet import BrushNetInpaintPipeline
 from brushnet.loading import BranchMismatchError
@@ -173,6 +173,37 @@ def test_branch_inputs_cfg_mask_and_masked_image(pipes):
     assert spy.calls[1]["guess_mode"] is True
 
 
+@pytest.mark.parametrize(("guess_mode", "halves"), [(False, 2), (True, 1)])
+def test_official_masked_image_encoding_samples_the_vae_per_cfg_half(pipes, guess_mode, halves):
+    """Official pipelines VAE-encode the CFG-doubled masked image (prepare_image(do_classifier_free_guidance)):
+    one VAE sample per image and CFG half (guess mode: the text half only); "once" shares one sample."""
+    pipe = pipes["sd15"]
+    encoded = []
+    hook = pipe.vae.encoder.register_forward_pre_hook(lambda m, args: encoded.append(args[0].shape[0]))
+    try:
+        with BranchSpy(pipe) as spy:
+            _run(pipe, num_inference_steps=1, guess_mode=guess_mode, num_images_per_prompt=2)
+            _run(pipe, num_inference_steps=1, guess_mode=guess_mode, masked_image_encoding="official")
+            _run(
+                pipe,
+                num_inference_steps=1,
+                guess_mode=guess_mode,
+                num_images_per_prompt=2,
+                masked_image_encoding="official",
+            )
+    finally:
+        hook.remove()
+    assert encoded == [1, halves, 2 * halves]
+    once, official, official_2 = (c["brushnet_cond"] for c in spy.calls)
+    assert once.shape[0] == official_2.shape[0] == 2 * halves and official.shape[0] == halves
+    for cond in (once, official, official_2):
+        torch.testing.assert_close(cond[:, 4], once[:1, 4].expand(len(cond), -1, -1))  # one mask for all
+    torch.testing.assert_close(once[:, :4], once[:1, :4].expand(len(once), -1, -1, -1))  # one VAE sample
+    assert torch.pdist(official_2[:, :4].flatten(1)).min() > 0  # a VAE sample of its own per copy
+    with pytest.raises(ValueError, match="masked_image_encoding must be 'once' or 'official', got 'twice'"):
+        _run(pipe, num_inference_steps=1, masked_image_encoding="twice")
+
+
 def test_per_layer_scale_list_is_passed_through(pipes):
     pipe = pipes["sd15"]
     n = sum(pipe.brushnet.num_residuals)
@@ -220,6 +251,22 @@ def test_missing_files_are_named(pipes, tiny_base_sd15, tmp_path):
 def test_mismatched_branch_names_both_configs(tiny_base_sd15, branches):
     with pytest.raises(BranchMismatchError, match=r"sdxl.*sd15.*addition_embed_type"):
         BrushNetInpaintPipeline.from_base(tiny_base_sd15, branches["sdxl"])
+
+
+def test_unipc_ends_at_the_smallest_sigma_as_diffusers_0_27(pipes, tiny_base_sd15):
+    """The official BrushNet ran diffusers 0.27's UniPC, whose last sigma is sqrt((1 - a0) / a0) of the
+    training schedule; stock diffusers now ends at 0 (final_sigmas_type="zero")."""
+    base_config = DDPMScheduler.from_pretrained(tiny_base_sd15, subfolder="scheduler").config
+    ours, stock = make_scheduler("unipc", base_config), make_scheduler("UniPCMultistepScheduler", base_config)
+    assert isinstance(ours, UniPCMultistepScheduler) and ours.config.final_sigmas_type == "sigma_min"
+    for scheduler in (ours, stock):
+        scheduler.set_timesteps(50)
+    a0 = float(ours.alphas_cumprod[0])
+    assert float(ours.sigmas[-1]) == pytest.approx(((1 - a0) / a0) ** 0.5, rel=1e-5)
+    assert float(ours.sigmas[-1]) > 0 and float(stock.sigmas[-1]) == 0.0
+    torch.testing.assert_close(ours.sigmas[:-1], stock.sigmas[:-1])  # only the last step differs
+    assert ours.timesteps.tolist() == stock.timesteps.tolist()
+    assert pipes["sd15"].scheduler.config.final_sigmas_type == "sigma_min"  # from_base's default "unipc"
 
 
 def test_scheduler_by_name_keeps_base_config(pipes):
