@@ -29,7 +29,7 @@ from brushnet.branch_blocks import MidBlock2D, build_blocks, walk_down, walk_mid
 
 Residuals = tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]
 
-# Ablation switches (issue "the paper's ablations"): not in the official config. At these defaults they are
+# The paper's ablation switches (README "Ablations"): not in the official config. At these defaults they are
 # left out of config.json, so a default branch folder stays exactly the official format.
 ABLATION_DEFAULTS = {"injection": "full", "condition_encoder": "vae"}
 INJECTIONS = ("full", "half", "controlnet")
