@@ -315,3 +315,19 @@ def test_half_precision_runs_the_vae_in_fp32_when_asked(tiny_base_sdxl, branches
         hook.remove()
     assert seen == [torch.float32] and pipe.vae.dtype == torch.float16  # upcast for the call only
     assert out.shape == (1, H, W, 3)
+
+
+def test_from_pretrained_with_a_brushnet_is_from_base(tiny_base_sdxl, branches):
+    """diffusers' ControlNet convention, ``from_pretrained(base, brushnet=...)``, is the same constructor as
+    ``from_base``: same components, scheduler and output."""
+    kw = {"scheduler": "ddim", "torch_dtype": torch.float32}
+    alias = BrushNetInpaintPipeline.from_pretrained(tiny_base_sdxl, brushnet=branches["sdxl"], **kw)
+    direct = BrushNetInpaintPipeline.from_base(tiny_base_sdxl, branches["sdxl"], **kw)
+    for pipe in (alias, direct):
+        pipe.set_progress_bar_config(disable=True)
+    assert isinstance(alias.scheduler, DDIMScheduler) and alias.is_sdxl
+    assert alias.config.force_zeros_for_empty_prompt == direct.config.force_zeros_for_empty_prompt
+    a, b = _run(alias, output_type="np"), _run(direct, output_type="np")
+    assert np.array_equal(a, b) and a.std() > 0
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        BrushNetInpaintPipeline.from_pretrained(tiny_base_sdxl, None, brushnet=branches["sdxl"])
