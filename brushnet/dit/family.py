@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -21,6 +21,29 @@ from brushnet.dit.latents import image_ids, pack, unpack
 from brushnet.dit.loading import base_family
 from brushnet.dit.sd3_model import BrushNetSD3Model, BrushNetSD3Output
 from brushnet.dit.text import DiTText, encode_prompt_flux, encode_prompt_sd3
+
+
+class BranchFamily(Protocol):
+    """What the trainer and the pipelines call; ``SD3Family`` and ``FluxFamily`` implement it."""
+
+    name: ClassVar[str]
+    branch_class: ClassVar[type]
+    pipeline_class_name: ClassVar[str]  # the stock diffusers pipeline that loads the base folder
+    block_class_names: ClassVar[tuple[str, ...]]  # base and branch blocks: the FSDP2 / checkpointing units
+
+    @staticmethod
+    def build_branch(transformer, num_layers: int | None = None, branch_text: bool = False) -> Any: ...
+
+    @staticmethod
+    def encode_text(components: Mapping[str, Any], prompts: Sequence[str], device) -> DiTText: ...
+
+    @staticmethod
+    def residuals(
+        branch, noisy, masked_latents, keep, sigma, text, guidance=None, conditioning_scale=1.0
+    ) -> Any: ...
+
+    @staticmethod
+    def predict(transformer, noisy, sigma, text, residuals=None, guidance=None) -> torch.Tensor: ...
 
 
 def _batch(value: float | torch.Tensor, batch: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -34,7 +57,7 @@ class SD3Family:
     name: ClassVar[str] = "sd3"
     branch_class: ClassVar[type] = BrushNetSD3Model
     pipeline_class_name: ClassVar[str] = "StableDiffusion3Pipeline"
-    optional_components: ClassVar[tuple[str, ...]] = ("text_encoder_3", "tokenizer_3")
+    block_class_names: ClassVar[tuple[str, ...]] = ("JointTransformerBlock", "SD3ImageBlock")
 
     @staticmethod
     def build_branch(
@@ -103,7 +126,11 @@ class FluxFamily:
     name: ClassVar[str] = "flux"
     branch_class: ClassVar[type] = BrushNetFluxModel
     pipeline_class_name: ClassVar[str] = "FluxPipeline"
-    optional_components: ClassVar[tuple[str, ...]] = ()
+    block_class_names: ClassVar[tuple[str, ...]] = (
+        "FluxTransformerBlock",
+        "FluxSingleTransformerBlock",
+        "FluxImageBlock",
+    )
 
     @staticmethod
     def build_branch(
@@ -181,7 +208,7 @@ class FluxFamily:
         return unpack(out, size)
 
 
-FAMILIES = {"sd3": SD3Family, "flux": FluxFamily}
+FAMILIES: dict[str, type[BranchFamily]] = {"sd3": SD3Family, "flux": FluxFamily}
 
 
 _CLASS_FAMILY = {

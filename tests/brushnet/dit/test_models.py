@@ -237,3 +237,31 @@ def test_default_depth_is_a_quarter_of_the_joint_blocks(setup):
     family, transformer, _ = setup
     branch = FAMILIES[family].build_branch(transformer)
     assert branch.config.num_layers == -(-transformer.config.num_layers // 4)
+
+
+def test_bf16_frozen_base_with_fp32_branch(setup):
+    """The training layout: frozen base in bf16, branch in fp32; residuals join the base stream in bf16."""
+    family, transformer, b = setup
+    branch = FAMILIES[family].build_branch(transformer, num_layers=2).float()
+    transformer = transformer.to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        plain = predict(family, transformer, b)
+        zero = predict(family, transformer, b, residuals(family, branch, b))
+    assert plain.dtype == torch.bfloat16 and torch.equal(plain, zero)
+    randomise_outputs(branch)
+    predict(family, transformer, b, residuals(family, branch, b)).float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in branch.parameters())
+
+
+def test_block_class_names_cover_every_base_and_branch_block(setup):
+    """``block_class_names`` are the units the trainer shards / checkpoints: no block may fall outside them."""
+    family, transformer, _ = setup
+    names = set(FAMILIES[family].block_class_names)
+    for branch_text in (False, True):
+        branch = FAMILIES[family].build_branch(transformer, num_layers=2, branch_text=branch_text)
+        blocks = [
+            *transformer.transformer_blocks,
+            *getattr(transformer, "single_transformer_blocks", []),
+            *branch.transformer_blocks,
+        ]
+        assert {type(b).__name__ for b in blocks} <= names
