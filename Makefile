@@ -66,5 +66,14 @@ data: install
 slurm-check:
 	bash slurm/check.sh
 
+# `make bench`: device limits, training step (time, FLOPs, memory), Lightning overhead, loader vs the official
+# collate, labelling and shard writes -> bench.json + markdown tables (python -m train.tools.bench -h).
+# QUICK=1: tiny + small, a few minutes on 2 CPU cores; FULL=1 adds the SD1.5 shape (10-16 GiB on CPU).
+QUICK ?=
+FULL ?=
+BENCH_OUT ?= bench.json
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m train.tools.bench $(if $(QUICK),--quick) $(if $(FULL),--full) --out $(BENCH_OUT)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

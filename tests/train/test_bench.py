@@ -1,0 +1,94 @@
+"""``make bench`` / ``python -m train.tools.bench``: runs every part and writes a valid ``bench.json``; the
+memory and FLOP counters it reports count what they say."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from train.tools.bench.models import build_module, make_batch
+from train.tools.bench.step import LiveTensorBytes, step_flops
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1")
+
+
+def check_result(result: dict, configs: list[str]) -> None:
+    assert result["machine"]["cpu_count"] >= 1 and result["wall_s"] > 0
+    assert result["limits"]["matmul"]["float32"]["flops"] > 1e8
+    assert result["limits"]["memory"]["bytes_per_s"] > 1e8
+    for name in configs:
+        entry = result["steps"][name]
+        rows = entry["steps"]
+        assert {(r["optimizer"], r["precision"], r["checkpointing"]) for r in rows} >= {
+            ("adamw", p, c) for p in ("fp32", "bf16") for c in (False, True)
+        }
+        for r in rows:
+            assert r["s_per_step"] > 0 and r["tflop_per_step"] > 0 and 0 < r["fraction_of_interleaved_mm"] < 5
+            assert r["peak_tensor_gib"] > 0
+        assert set(entry["optimizer_step"]) >= {"fused", "foreach", "for-loop"}
+        assert entry["lightning"]["ratio"] > 0
+    loaders = {(r["source"], r["loader"]) for r in result["loader"]}
+    assert ("640x480", "official") in loaders and ("640x480", "ours_0w") in loaders
+    ours = next(r for r in result["loader"] if r["loader"] == "ours_0w")
+    assert ours["samples_per_s"] > 0 and ours["batch_mb"] < next(r["batch_mb"] for r in result["loader"])
+
+
+def test_smoke_run_writes_bench_json_and_tables(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "train.tools.bench", "--smoke", "--skip", "pipeline", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_result(json.loads(out.read_text()), ["tiny"])
+    assert not out.with_name("bench.json.tmp").exists()
+    for heading in ("| limit | measured |", "**Step, tiny**", "Lightning loop iteration", "**Loader**"):
+        assert heading in done.stdout
+
+
+@pytest.mark.slow
+def test_make_bench_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        ["make", "bench", "QUICK=1", f"BENCH_OUT={out}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    check_result(result, ["tiny", "small"])
+    assert {r["source"] for r in result["loader"]} == {"640x480", "1365x1024"}
+    assert "shard_write" in result["pipeline"] and result["pipeline"]["label"]
+
+
+def test_live_tensor_bytes_counts_storages_once_and_frees():
+    base = torch.zeros(1000)  # 4000 bytes, tracked from the start
+    with LiveTensorBytes([base, base[:10]]) as tracker:
+        a = torch.ones(2000)  # +8000
+        view = a[:100]  # same storage: nothing new
+        del a, view
+        b = torch.ones(500)  # +2000, after a was freed
+    assert tracker.peak == 4000 + 8000
+    assert tracker.current == 4000 + 2000
+    del b
+
+
+def test_step_flops_count_attention(tmp_path):
+    """Plain-bmm attention makes FlopCounterMode see what CPU SDPA hides; a step is > forward alone."""
+    module = build_module(tmp_path, "tiny")
+    batch = make_batch(module, "tiny", torch.device("cpu"))
+    flops = step_flops(module, batch)
+    with FlopCounterMode(display=False) as sdpa:
+        module.compute_loss(batch, module.step_generator(0)).backward()
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        module.compute_loss(batch, module.step_generator(0))
+    assert flops > sdpa.get_total_flops() > forward.get_total_flops() > 0

@@ -1,0 +1,1 @@
+"""``python -m train.tools.bench``: the benchmark suite behind ``make bench`` (see :mod:`.suite`)."""

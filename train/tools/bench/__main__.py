@@ -1,0 +1,5 @@
+import sys
+
+from train.tools.bench.suite import main
+
+sys.exit(main())
