@@ -189,6 +189,13 @@ class BrushNetFluxModel(ModelMixin, ConfigMixin):
         base takes them (both are multiplied by 1000 here, as in the base); ``img_ids`` ``tokens x 3``.
         ``encoder_hidden_states`` / ``txt_ids`` are used only with ``branch_text``.
         """
+        cond_channels = self.config.in_channels + self.config.mask_channels
+        if brushnet_cond.shape[-1] != cond_channels or brushnet_cond.shape[:2] != hidden_states.shape[:2]:
+            raise ValueError(
+                f"brushnet_cond must be packed [masked-image latent ({self.config.in_channels}), mask "
+                f"({self.config.mask_channels})] per token, B x {hidden_states.shape[1]} x {cond_channels}, "
+                f"got shape {tuple(brushnet_cond.shape)}"
+            )
         h = self.x_embedder(torch.cat([hidden_states, brushnet_cond.to(hidden_states.dtype)], dim=-1))
         timestep = timestep.to(h.dtype) * 1000
         if self.config.guidance_embeds:

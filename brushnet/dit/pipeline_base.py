@@ -110,6 +110,11 @@ class DiTInpaintPipeline(DiffusionPipeline):
         """
         if guidance_scale is None:
             guidance_scale = 7.0 if self.uses_cfg else 3.5
+        if negative_prompt is not None and not self.uses_cfg:
+            raise ValueError(
+                f"{type(self).__name__} has no classifier-free guidance (Flux takes guidance_scale as an "
+                "embedding), so negative_prompt would be ignored: leave it out"
+            )
         prompts, negatives = _prompts(prompt, negative_prompt)
         if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
             raise ValueError(

@@ -203,6 +203,13 @@ class BrushNetSD3Model(ModelMixin, ConfigMixin):
         ``cat([masked-image latent, mask], 1)``, mask 1 = keep; ``timestep`` and ``pooled_projections`` as
         for the base. ``encoder_hidden_states`` (the prompt embeddings) is used only with ``branch_text``.
         """
+        cond_channels = self.config.in_channels + self.config.mask_channels
+        if brushnet_cond.shape[1] != cond_channels or brushnet_cond.shape[2:] != hidden_states.shape[2:]:
+            raise ValueError(
+                f"brushnet_cond must be [masked-image latent ({self.config.in_channels} ch), mask "
+                f"({self.config.mask_channels} ch)] at the latent's size {tuple(hidden_states.shape[2:])}, "
+                f"got shape {tuple(brushnet_cond.shape)}"
+            )
         h = self.pos_embed(torch.cat([hidden_states, brushnet_cond.to(hidden_states.dtype)], dim=1))
         h = h.contiguous()
         temb = self.time_text_embed(timestep, pooled_projections)

@@ -33,32 +33,24 @@ def _pipeline(family: str, base, num_layers: int = 2, **kw):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_zero_branch_gives_the_stock_pipeline_latents(family, tiny_dit_bases):
+@pytest.mark.parametrize("prompts, per_prompt", [("a red cat", 1), (["a red cat", "a blue dog"], 2)])
+def test_zero_branch_gives_the_stock_pipeline_latents(family, prompts, per_prompt, tiny_dit_bases):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     base = tiny_dit_bases[family]
     pipe, _ = _pipeline(family, base)
     image, mask = _image_and_mask(64, 64)
-    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
-    ours = pipe(
-        "a red cat", image, mask, num_inference_steps=STEPS, latents=noise, output_type="latent"
-    ).images
+    n = per_prompt * (1 if isinstance(prompts, str) else len(prompts))
+    noise = torch.randn(n, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(num_inference_steps=STEPS, num_images_per_prompt=per_prompt, output_type="latent")
+    ours = pipe(prompts, image, mask, latents=noise, **kw).images
     if family == "sd3":
-        stock = StableDiffusion3Pipeline.from_pretrained(base)
-        theirs = stock(
-            "a red cat", height=64, width=64, num_inference_steps=STEPS, latents=noise, output_type="latent"
+        theirs = StableDiffusion3Pipeline.from_pretrained(base)(
+            prompts, height=64, width=64, latents=noise, **kw
         )
         torch.testing.assert_close(ours, theirs.images, rtol=1e-4, atol=1e-5)
     else:
-        stock = FluxPipeline.from_pretrained(base)
-        theirs = stock(
-            "a red cat",
-            height=64,
-            width=64,
-            num_inference_steps=STEPS,
-            latents=pack(noise),
-            output_type="latent",
-        )
+        theirs = FluxPipeline.from_pretrained(base)(prompts, height=64, width=64, latents=pack(noise), **kw)
         torch.testing.assert_close(pack(ours), theirs.images, rtol=1e-4, atol=1e-5)
 
 
@@ -102,3 +94,17 @@ def test_sd3_pipeline_runs_without_t5(tiny_sd3_base):
 def test_flux_without_t5_is_refused(tiny_flux_base):
     with pytest.raises(ValueError, match="SD3 bases only"):
         load_dit_base(tiny_flux_base, with_t5=False)
+
+
+def test_bad_inputs_get_one_clear_error(tiny_flux_base, tiny_sd3_base):
+    image, mask = _image_and_mask(64, 64)
+    flux, _ = _pipeline("flux", tiny_flux_base)
+    with pytest.raises(ValueError, match="negative_prompt would be ignored"):
+        flux("a cat", image, mask, negative_prompt="blurry", num_inference_steps=1)
+    sd3, branch = _pipeline("sd3", tiny_sd3_base)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sd3("a cat", image, mask, height=40, num_inference_steps=1)
+    with pytest.raises(
+        ValueError, match=r"brushnet_cond must be \[masked-image latent \(16 ch\), mask \(1 ch\)\]"
+    ):
+        branch(torch.zeros(1, 16, 8, 8), torch.zeros(1, 16, 8, 8), torch.tensor([1.0]), torch.zeros(1, 32))
