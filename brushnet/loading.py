@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from brushnet.errors import BrushNetError
+from brushnet.typecheck import check_config_file
 
 if TYPE_CHECKING:
     from brushnet.model import BrushNetModel
@@ -122,10 +123,21 @@ def load_base_components(
     is_sdxl = (folder / "text_encoder_2").is_dir()
     kw: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     variant_kw = {"variant": variant} if variant else {}
+    vae_folder = resolve_pretrained(vae) if vae is not None else folder / "vae"
+    configs = [
+        (folder / "unet" / "config.json", UNet2DConditionModel),
+        (vae_folder / "config.json", AutoencoderKL),
+        (folder / "text_encoder" / "config.json", CLIPTextModel.config_class),
+        (folder / "scheduler" / "scheduler_config.json", DDPMScheduler),
+    ]
+    if is_sdxl:
+        configs.append((folder / "text_encoder_2" / "config.json", CLIPTextModelWithProjection.config_class))
     try:
+        for config, cls in configs:  # a wrong-typed field: one line, not a traceback from deep inside
+            check_config_file(config, cls)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw, **variant_kw)
         if vae is not None:
-            vae_model = AutoencoderKL.from_pretrained(resolve_pretrained(vae), **kw)
+            vae_model = AutoencoderKL.from_pretrained(vae_folder, **kw)
         else:
             vae_model = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw, **variant_kw)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw, **variant_kw)
@@ -200,5 +212,6 @@ def load_brushnet(name_or_path: str | os.PathLike, torch_dtype: torch.dtype | No
             "(config.json + diffusion_pytorch_model.safetensors)"
         )
     folder = path if looks_local else resolve_pretrained(name_or_path)
+    check_config_file(folder / "config.json", BrushNetModel)
     kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     return BrushNetModel.from_pretrained(folder, use_safetensors=True, **kw)

@@ -11,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from brushnet.errors import BrushNetError
+
 T = TypeVar("T")
 
 
-class ConfigTypeError(ValueError):
+class ConfigTypeError(BrushNetError, ValueError):
     """A config value of the wrong type; the message names the file, the key, the value and the expected type."""
 
 
@@ -72,13 +75,20 @@ def describe(hint: Any) -> str:
 
 
 def init_hints(cls: type) -> dict[str, Any]:
-    """Type hints of ``cls.__init__``'s parameters (empty when they cannot be resolved)."""
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # unresolvable forward references: nothing to check against
-        return {}
-    hints.pop("return", None)
-    return hints
+    """Type hints of ``cls.__init__``'s parameters (or of the class, for dataclass configs such as
+    transformers 5's); empty when they cannot be resolved."""
+    # string annotations such as "torch.dtype" name modules the defining module may import lazily
+    names = {"torch": "torch", "np": "numpy", "numpy": "numpy"}
+    localns = {alias: sys.modules[mod] for alias, mod in names.items() if mod in sys.modules}
+    for target in (cls.__init__, cls):
+        try:
+            hints = typing.get_type_hints(target, localns=localns)
+        except Exception:  # unresolvable forward references: try the next, else nothing to check
+            continue
+        hints.pop("return", None)
+        if hints:
+            return hints
+    return {}
 
 
 def check_config_file(path: str | os.PathLike, cls: type) -> None:
