@@ -27,6 +27,7 @@ from brushnet.injection import branch_condition
 from brushnet.loading import check_branch_matches_unet, load_base_components
 from brushnet.model import BrushNetModel
 from brushnet.single_branch import inpainting_unet_from, single_branch_input
+from train.checkpoint_state import check_trained_weights, keep_trained_weights
 from train.data.transforms import normalize_batch
 from train.nonfinite import NanPolicy, NonFiniteLossError, NonFiniteSteps
 from train.optim import OptimizerName, ScheduleName, build_optimizer, build_scheduler
@@ -39,7 +40,6 @@ __all__ = ["BrushNetTrainingModule", "NonFiniteLossError", "weight_dtype_for"]
 
 log = logging.getLogger(__name__)
 
-TRAINED_PREFIXES = ("brushnet.", "ema.")  # what a Lightning checkpoint stores of the model
 Injection = Literal["full", "half", "controlnet"]
 ConditionEncoder = Literal["vae", "conv"]
 
@@ -378,21 +378,7 @@ class BrushNetTrainingModule(L.LightningModule):
         return all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the trained weights: the frozen base is reloaded from its folder/id on resume."""
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(TRAINED_PREFIXES)}
-        checkpoint["brushnet_train"] = {"skipped_steps": self.nonfinite.skipped_steps}
+        keep_trained_weights(checkpoint, self.nonfinite.skipped_steps)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict", {})
-        expected = {f"brushnet.{k}" for k in self.brushnet.state_dict()}
-        if self.ema is not None:
-            expected |= {f"ema.{k}" for k in self.ema.state_dict()}
-        missing = sorted(expected - set(state))
-        if missing:
-            raise KeyError(
-                f"the checkpoint lacks {len(missing)} trained weights (e.g. {missing[:3]}): was it written by "
-                "another model configuration (EMA on/off, another base)?"
-            )
-        info = checkpoint.get("brushnet_train", {})
-        self.nonfinite.skipped_steps = int(info.get("skipped_steps", 0))
+        self.nonfinite.skipped_steps = check_trained_weights(checkpoint, self.brushnet, self.ema)
