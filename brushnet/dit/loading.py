@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from brushnet.loading import BaseModelError, BranchMismatchError, resolve_pretrained
+from brushnet.typecheck import check_config_file
 
 Family = Literal["unet", "sd3", "flux"]
 
@@ -90,5 +91,6 @@ def load_dit_branch(name_or_path: str | os.PathLike, torch_dtype: torch.dtype | 
         raise ValueError(
             f"{config}: _class_name {name!r} is not a DiT branch; expected one of {sorted(classes)}"
         )
+    check_config_file(config, classes[name])  # a wrong-typed field: one line naming the file and the field
     kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     return classes[name].from_pretrained(folder, use_safetensors=True, **kw)

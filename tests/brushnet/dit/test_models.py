@@ -265,3 +265,38 @@ def test_block_class_names_cover_every_base_and_branch_block(setup):
             *branch.transformer_blocks,
         ]
         assert {type(b).__name__ for b in blocks} <= names
+
+
+def test_a_branch_config_with_a_wrong_type_or_class_is_one_clear_error(setup, tmp_path):
+    import json
+
+    from brushnet.typecheck import ConfigTypeError
+
+    family, transformer, _ = setup
+    FAMILIES[family].build_branch(transformer, num_layers=2).save_pretrained(tmp_path / "branch")
+    config = tmp_path / "branch" / "config.json"
+    raw = json.loads(config.read_text())
+    config.write_text(json.dumps({**raw, "num_layers": "2"}))
+    with pytest.raises(ConfigTypeError, match=r"config.json: field 'num_layers' = '2' \(str\)"):
+        load_dit_branch(tmp_path / "branch")
+    config.write_text(json.dumps({**raw, "_class_name": "BrushNetModel"}))
+    with pytest.raises(ValueError, match="'BrushNetModel' is not a DiT branch"):
+        load_dit_branch(tmp_path / "branch")
+
+
+def test_base_family_is_read_from_the_base_folder(tiny_dit_bases, tmp_path):
+    from brushnet.dit import base_family
+    from brushnet.dit.family import family_of
+    from brushnet.loading import BaseModelError
+
+    assert base_family(tiny_dit_bases["sd3"]) == "sd3" and base_family(tiny_dit_bases["flux"]) == "flux"
+    assert family_of(tiny_dit_bases["flux"]) is FAMILIES["flux"]
+    (tmp_path / "unet_base" / "unet").mkdir(parents=True)
+    (tmp_path / "unet_base" / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    assert base_family(tmp_path / "unet_base") == "unet"
+    with pytest.raises(ValueError, match="is a unet base, not a DiT"):
+        family_of(tmp_path / "unet_base")
+    (tmp_path / "odd" / "transformer").mkdir(parents=True)
+    (tmp_path / "odd" / "transformer" / "config.json").write_text('{"_class_name": "WanTransformer3DModel"}')
+    with pytest.raises(BaseModelError, match="'WanTransformer3DModel' is not supported"):
+        base_family(tmp_path / "odd")
