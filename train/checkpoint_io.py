@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from brushnet.atomic import atomic_output, atomic_write_text, names_path, naming, partial_name, remove_path
+from brushnet.atomic import atomic_output, atomic_write_text, partial_name, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,23 @@ def verify_checkpoint(path: str | os.PathLike) -> int:
     return checkpoint["global_step"]
 
 
+class _WriteErrors:
+    """A binary file that remembers the ``OSError`` of a failed write."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 class StagedCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` writing straight into a temporary sibling of the destination.
 
@@ -176,13 +193,14 @@ class StagedCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        try:
-            with atomic_output(path) as f:
-                torch.save(checkpoint, f)
-        except OSError:
-            raise
-        except RuntimeError as e:  # torch's zip writer turns a failed write into a RuntimeError
-            raise OSError(f"cannot write checkpoint {path}: {e}") from e
+        with atomic_output(path) as f:
+            recorder = _WriteErrors(f)
+            try:
+                torch.save(checkpoint, recorder)
+            except RuntimeError:  # torch's zip writer reports a failed write as "unexpected pos ..."
+                if recorder.error is None:
+                    raise
+                raise recorder.error from None  # the OSError itself (ENOSPC, EFBIG, EIO, ...)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         verify_checkpoint(path)
@@ -199,7 +217,8 @@ def use_staged_io(strategy: Any) -> None:
 
 def save_checkpoint_atomically(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
     """``trainer.save_checkpoint`` (collective) to a temporary sibling, renamed on rank 0 when complete, then
-    its sha256 sidecar; on any error the temporary is removed and an ``OSError`` names ``filepath``."""
+    its sha256 sidecar; on any error the temporary is removed, and an ``OSError`` is re-raised (same type
+    and errno) as "cannot save checkpoint <filepath>: <reason>"."""
     use_staged_io(trainer.strategy)
     target = Path(filepath)
     # Not "<name>.ckpt": Lightning's ckpt_path="last" search (last*.ckpt) must never pick it up.
@@ -216,9 +235,9 @@ def save_checkpoint_atomically(trainer: L.Trainer, filepath: str, weights_only: 
     except OSError as e:
         if trainer.is_global_zero:
             remove_path(tmp)
-        if names_path(e, target) or names_path(e, tmp):
-            raise
-        raise naming(e, target) from e
+        if e.errno is None:
+            raise type(e)(f"cannot save checkpoint {target}: {e}") from e
+        raise type(e)(e.errno, f"cannot save checkpoint {target}: {e.strerror}") from e
     except BaseException:
         if trainer.is_global_zero:
             remove_path(tmp)

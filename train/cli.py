@@ -13,11 +13,13 @@ in every run's log folder. The optimizer is chosen with ``--model.optimizer`` on
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from brushnet.console import EXIT_STATUS_HELP, run_console
+from train.checkpoint_io import verify_checkpoint
 from train.checkpointing import resolve_ckpt_path
 from train.data import BrushDataModule
 from train.module import BrushNetTrainingModule
@@ -75,6 +77,16 @@ class BrushNetCLI(LightningCLI):
         if any(a.startswith("--trainer.logger") and a.split("=")[0].endswith("save_dir") for a in args):
             parser.error("a logger's save_dir is the run folder: set --trainer.default_root_dir instead")
         self.config = parser.parse_args(args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Verify a ``--ckpt_path FILE`` (a damaged one is one CheckpointError naming it, not an unpickling
+        traceback) but take no hyperparameters from it: Lightning (2.5+) would replace the model's config with
+        the checkpoint's, so ``--model.learning_rate`` given with a path was silently ignored (not with
+        ``auto``/``last``). The config and the command line decide the hyperparameters of every resume."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in ("auto", "last") and Path(path).exists():
+            verify_checkpoint(path)
 
     def before_fit(self) -> None:
         cfg = self.config_init["fit"]

@@ -29,8 +29,6 @@ The plan (:func:`apply_fsdp2`):
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
@@ -42,6 +40,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from brushnet.atomic import atomic_folder
 from brushnet.model import BrushNetModel
 
 # Diffusers modules that are always invoked through their own forward() (so FSDP2 hooks fire).
@@ -154,16 +153,8 @@ def export_branch(branch: BrushNetModel, folder: str | os.PathLike, *, rank: int
     with torch.device("meta"):
         plain = BrushNetModel.from_config(branch.config)
     plain.load_state_dict(state, assign=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         plain.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from tests.train.cli_runs import cli_args, overlay, tiny_data
 
@@ -78,8 +79,14 @@ class Setup:
 
 
 def setup(folder: Path, base: Path, every: int, **model) -> Setup:
-    """Two shards of 6 samples (batch 2: 6 steps an epoch) and the shared overlay (``save_top_k=2``)."""
-    return Setup(base, tiny_data(folder / "data"), overlay(folder / "o.yaml", every=every, **model))
+    """Two shards of 6 samples (batch 2: 6 steps an epoch) and the shared overlay (``save_top_k=2``), without
+    the throughput monitor (nothing here reads it)."""
+    config = overlay(folder / "o.yaml", every=every, **model)
+    cfg = yaml.safe_load(config.read_text())
+    callbacks = cfg["trainer"]["callbacks"]
+    cfg["trainer"]["callbacks"] = [c for c in callbacks if not c["class_path"].startswith("train.monitor.")]
+    config.write_text(yaml.safe_dump(cfg))
+    return Setup(base, tiny_data(folder / "data"), config)
 
 
 def load(path: Path) -> dict:
