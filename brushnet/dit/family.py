@@ -20,7 +20,7 @@ from brushnet.dit.injection import flux_forward_with_brushnet, sd3_forward_with_
 from brushnet.dit.latents import image_ids, pack, unpack
 from brushnet.dit.loading import base_family
 from brushnet.dit.sd3_model import BrushNetSD3Model, BrushNetSD3Output
-from brushnet.dit.text import DiTText, encode_prompt_flux, encode_prompt_sd3
+from brushnet.dit.text import DiTText, encode_prompts
 
 
 class BranchFamily(Protocol):
@@ -35,7 +35,9 @@ class BranchFamily(Protocol):
     def build_branch(transformer, num_layers: int | None = None, branch_text: bool = False) -> Any: ...
 
     @staticmethod
-    def encode_text(components: Mapping[str, Any], prompts: Sequence[str], device) -> DiTText: ...
+    def encode_text(components: Mapping[str, Any], prompts: Sequence[str]) -> DiTText:
+        """Prompts through the base's frozen text encoders (on their device); see :mod:`brushnet.dit.text`."""
+        ...
 
     @staticmethod
     def residuals(
@@ -66,9 +68,8 @@ class SD3Family:
         return BrushNetSD3Model.from_transformer(transformer, num_layers=num_layers, branch_text=branch_text)
 
     @staticmethod
-    def encode_text(components: Mapping[str, Any], prompts: Sequence[str], device) -> DiTText:
-        joint_dim = components["transformer"].config.joint_attention_dim
-        return encode_prompt_sd3(components, prompts, device, joint_dim)
+    def encode_text(components: Mapping[str, Any], prompts: Sequence[str]) -> DiTText:
+        return encode_prompts("sd3", components, prompts)
 
     @staticmethod
     def residuals(
@@ -139,8 +140,8 @@ class FluxFamily:
         return BrushNetFluxModel.from_transformer(transformer, num_layers=num_layers, branch_text=branch_text)
 
     @staticmethod
-    def encode_text(components: Mapping[str, Any], prompts: Sequence[str], device) -> DiTText:
-        return encode_prompt_flux(components, prompts, device)
+    def encode_text(components: Mapping[str, Any], prompts: Sequence[str]) -> DiTText:
+        return encode_prompts("flux", components, prompts)
 
     @staticmethod
     def _guidance(config, guidance: float | None, batch: int, device) -> torch.Tensor | None:

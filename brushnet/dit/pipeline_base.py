@@ -71,14 +71,11 @@ class DiTInpaintPipeline(DiffusionPipeline):
 
     def _encode_text(self, prompts: list[str], negatives: list[str], cfg: bool, per_prompt: int) -> DiTText:
         """Prompt conditioning repeated ``per_prompt`` times, with the negative half first under CFG."""
-        device = self._execution_device
-        text = self.family.encode_text(self.components, prompts, device).repeat_interleave(per_prompt)
+        text = self.family.encode_text(self.components, prompts).repeat_interleave(per_prompt)
         if cfg:
-            negative = self.family.encode_text(self.components, negatives, device).repeat_interleave(
-                per_prompt
-            )
+            negative = self.family.encode_text(self.components, negatives).repeat_interleave(per_prompt)
             text = DiTText.cat([negative, text])
-        return text.to(dtype=self.transformer.dtype)
+        return text.to(device=self._execution_device, dtype=self.transformer.dtype)
 
     @torch.no_grad()
     def __call__(

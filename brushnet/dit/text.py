@@ -1,7 +1,8 @@
 """Prompt conditioning for SD3 (CLIP-L + CLIP-G + optional T5) and Flux (CLIP-L pooled + T5).
 
-Shared by the DiT pipelines and training. The layouts follow diffusers' ``StableDiffusion3Pipeline.encode_prompt``
-and ``FluxPipeline.encode_prompt``:
+Shared by the DiT pipelines and training: :class:`DiTTokenizers` (data workers) -> :func:`encode_tokens`
+(frozen encoders), or both at once with :func:`encode_prompts`. The layouts follow diffusers'
+``StableDiffusion3Pipeline.encode_prompt`` and ``FluxPipeline.encode_prompt`` (tested equal to them):
 
 * SD3: each CLIP gives its penultimate hidden state and its projected pooled output; the two hidden states
   are concatenated on the channel axis, zero-padded to T5's width and put before T5's tokens; the pooled
@@ -47,52 +48,70 @@ class DiTText:
         return DiTText(self.embeds.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0), self.txt_ids)
 
 
-def _ids(tokenizer, prompts: Sequence[str], max_length: int, device) -> torch.Tensor:
-    out = tokenizer(
-        list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    )
-    return out.input_ids.to(device)
+# Tokenizers per family, named as the diffusers pipeline's components; the last one is T5.
+TOKENIZERS = {"sd3": ("tokenizer", "tokenizer_2", "tokenizer_3"), "flux": ("tokenizer", "tokenizer_2")}
+T5_MAX_LENGTH = {"sd3": SD3_T5_MAX_LENGTH, "flux": FLUX_T5_MAX_LENGTH}
 
 
-def _clip(tokenizer, encoder, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+def _key(tokenizer_name: str) -> str:
+    """``tokenizer`` -> ``input_ids``, ``tokenizer_2`` -> ``input_ids_2`` (the UNet trainer's batch keys)."""
+    return "input_ids" + tokenizer_name[len("tokenizer") :]
+
+
+class DiTTokenizers:
+    """Prompt -> token ids for one family: CLIP ids padded to 77, T5 ids padded to the family's length.
+
+    Called in data-loader workers like :class:`brushnet.conditioning.CaptionTokenizers`; a missing T5 (SD3
+    loaded without it) simply gives no ``input_ids_3``.
+    """
+
+    def __init__(self, family: str, components: Mapping[str, Any]) -> None:
+        if family not in TOKENIZERS:
+            raise ValueError(f"unknown DiT family {family!r}; expected one of {sorted(TOKENIZERS)}")
+        self.family = family
+        self.tokenizers = {n: components.get(n) for n in TOKENIZERS[family] if components.get(n) is not None}
+
+    def __call__(self, text: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        texts = [text] if isinstance(text, str) else list(text)
+        t5 = TOKENIZERS[self.family][-1]
+        out = {}
+        for name, tok in self.tokenizers.items():
+            length = T5_MAX_LENGTH[self.family] if name == t5 else tok.model_max_length
+            ids = tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            out[_key(name)] = ids.input_ids[0] if isinstance(text, str) else ids.input_ids
+        return out
+
+
+def _clip(encoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(penultimate hidden state, projected pooled output) of a ``CLIPTextModelWithProjection``."""
-    out = encoder(_ids(tokenizer, prompts, tokenizer.model_max_length, device), output_hidden_states=True)
+    out = encoder(ids, output_hidden_states=True)
     return out.hidden_states[-2], out[0]
 
 
-def encode_prompt_sd3(
-    components: Mapping[str, Any],
-    prompts: Sequence[str],
-    device,
-    joint_attention_dim: int,
-    max_sequence_length: int = SD3_T5_MAX_LENGTH,
-) -> DiTText:
-    """SD3 conditioning from pipeline components named as in ``StableDiffusion3Pipeline``."""
-    hidden_l, pooled_l = _clip(components["tokenizer"], components["text_encoder"], prompts, device)
-    hidden_g, pooled_g = _clip(components["tokenizer_2"], components["text_encoder_2"], prompts, device)
+@torch.no_grad()
+def encode_tokens(family: str, components: Mapping[str, Any], tokens: Mapping[str, torch.Tensor]) -> DiTText:
+    """The conditioning of B x L ``tokens`` (:class:`DiTTokenizers` output) with the base's frozen encoders."""
+    device = components["text_encoder"].device
+    tokens = {k: v.to(device) for k, v in tokens.items()}
+    if family == "flux":
+        pooled = components["text_encoder"](tokens["input_ids"], output_hidden_states=False).pooler_output
+        embeds = components["text_encoder_2"](tokens["input_ids_2"])[0]
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype)
+        return DiTText(embeds, pooled.to(embeds.dtype), txt_ids)
+    hidden_l, pooled_l = _clip(components["text_encoder"], tokens["input_ids"])
+    hidden_g, pooled_g = _clip(components["text_encoder_2"], tokens["input_ids_2"])
     clip = torch.cat([hidden_l, hidden_g], dim=-1)
     t5 = components.get("text_encoder_3")
-    if t5 is None:
-        t5_embeds = torch.zeros(len(prompts), max_sequence_length, joint_attention_dim, device=device)
+    if t5 is None or "input_ids_3" not in tokens:
+        width = components["transformer"].config.joint_attention_dim
+        t5_embeds = torch.zeros(clip.shape[0], SD3_T5_MAX_LENGTH, width, device=device, dtype=clip.dtype)
     else:
-        t5_embeds = t5(_ids(components["tokenizer_3"], prompts, max_sequence_length, device))[0]
+        t5_embeds = t5(tokens["input_ids_3"])[0]
     clip = torch.nn.functional.pad(clip, (0, t5_embeds.shape[-1] - clip.shape[-1]))
     embeds = torch.cat([clip.to(t5_embeds.dtype), t5_embeds], dim=-2)
-    return DiTText(embeds, torch.cat([pooled_l, pooled_g], dim=-1))
+    return DiTText(embeds, torch.cat([pooled_l, pooled_g], dim=-1).to(t5_embeds.dtype))
 
 
-def encode_prompt_flux(
-    components: Mapping[str, Any],
-    prompts: Sequence[str],
-    device,
-    max_sequence_length: int = FLUX_T5_MAX_LENGTH,
-) -> DiTText:
-    """Flux conditioning from pipeline components named as in ``FluxPipeline``."""
-    tokenizer = components["tokenizer"]
-    clip_ids = _ids(tokenizer, prompts, tokenizer.model_max_length, device)
-    pooled = components["text_encoder"](clip_ids, output_hidden_states=False).pooler_output
-    embeds = components["text_encoder_2"](
-        _ids(components["tokenizer_2"], prompts, max_sequence_length, device)
-    )[0]
-    txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype)
-    return DiTText(embeds, pooled.to(embeds.dtype), txt_ids)
+def encode_prompts(family: str, components: Mapping[str, Any], prompts: Sequence[str]) -> DiTText:
+    """Tokenize and encode ``prompts`` (the pipelines' path; the trainer tokenizes in its data workers)."""
+    return encode_tokens(family, components, DiTTokenizers(family, components)(list(prompts)))

@@ -108,3 +108,23 @@ def test_bad_inputs_get_one_clear_error(tiny_flux_base, tiny_sd3_base):
         ValueError, match=r"brushnet_cond must be \[masked-image latent \(16 ch\), mask \(1 ch\)\]"
     ):
         branch(torch.zeros(1, 16, 8, 8), torch.zeros(1, 16, 8, 8), torch.tensor([1.0]), torch.zeros(1, 32))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_trainer_tokens_and_pipeline_prompts_give_the_same_conditioning(family, tiny_dit_bases):
+    """Tokenized in a data worker (one caption at a time, stacked) or encoded by the pipeline: same tensors."""
+    from brushnet.dit.text import DiTTokenizers, encode_tokens
+
+    parts = load_dit_base(tiny_dit_bases[family])
+    tokenizers = DiTTokenizers(family, parts)
+    captions = ["a red cat", "a blue dog on a sofa"]
+    tokens = [tokenizers(c) for c in captions]
+    batch = {k: torch.stack([t[k] for t in tokens]) for k in tokens[0]}
+    assert set(batch) == (
+        {"input_ids", "input_ids_2", "input_ids_3"} if family == "sd3" else {"input_ids", "input_ids_2"}
+    )
+    trained = encode_tokens(family, parts, batch)
+    inferred = FAMILIES[family].encode_text(parts, captions)
+    assert torch.equal(trained.embeds, inferred.embeds) and torch.equal(trained.pooled, inferred.pooled)
+    length = {"sd3": 77 + 256, "flux": 512}[family]
+    assert trained.embeds.shape[:2] == (2, length)

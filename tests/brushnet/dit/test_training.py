@@ -60,7 +60,7 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(family, tiny_dit_bases):
     masked = pixels * keep - (1 - keep)  # hole -1, as the data pipeline's conditioning_pixel_values
     latents, masked_latents, keep_latent = encode_batch(vae, pixels, masked, keep, g)
     with torch.no_grad():
-        text = fam.encode_text(parts, ["a red cat", "a blue dog"], "cpu")
+        text = fam.encode_text(parts, ["a red cat", "a blue dog"])
     objective = FlowMatchingObjective()
     optimizer = torch.optim.AdamW(branch.parameters(), lr=3e-3)
 
@@ -115,7 +115,7 @@ def test_training_on_fresh_batches_lowers_the_held_out_loss(family, tiny_dit_bas
         return encode_batch(vae, pixels, pixels * keep - (1 - keep), keep, g)
 
     with torch.no_grad():
-        text = fam.encode_text(parts, ["a red cat"] * 4, "cpu")
+        text = fam.encode_text(parts, ["a red cat"] * 4)
     objective = FlowMatchingObjective()
     held_out = data(999)
 
