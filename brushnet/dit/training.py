@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from brushnet.dit.latents import latent_keep_mask, vae_encode
-from brushnet.dit.text import DiTText
+from brushnet.dit.text import DiTText, encode_tokens
 
 WeightingScheme = Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"]
 
@@ -122,3 +122,29 @@ def encode_batch(
     both = vae_encode(vae, torch.cat([pixel_values, conditioning_pixel_values]), generator).float()
     latents, masked = both.chunk(2)
     return latents, masked, latent_keep_mask(masks, latents.shape[-2:])
+
+
+def batch_loss(
+    family,
+    components: Any,
+    branch,
+    batch: dict[str, torch.Tensor],
+    objective: FlowMatchingObjective,
+    generator: torch.Generator | None = None,
+    use_branch: bool = True,
+) -> torch.Tensor:
+    """The loss of one trainer batch: ``pixel_values``, ``conditioning_pixel_values`` (float, [-1, 1]), ``masks``
+    (B x 1 x H x W, 1 = keep) and the :class:`~brushnet.dit.text.DiTTokenizers` ids (``input_ids``, ...).
+
+    ``components``: the base's parts by pipeline name (:func:`brushnet.dit.family.load_dit_base`).
+    """
+    vae, transformer = components["vae"], components["transformer"]
+    latents, masked, keep = encode_batch(
+        vae, batch["pixel_values"], batch["conditioning_pixel_values"], batch["masks"], generator
+    )
+    tokens = {k: v for k, v in batch.items() if k.startswith("input_ids")}
+    text = encode_tokens(family.name, components, tokens).to(device=latents.device)
+    config = components["scheduler"].config
+    return objective.loss(
+        family, transformer, branch, latents, masked, keep, text, config, generator, use_branch
+    )
