@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from brushnet.brushdata import BrushDataError, write_index
+from brushnet.brushdata import BrushDataError, scan_shard, write_index
 from tests.train.data_builders import good_members, tokenizer_folder, write_raw_tar
 from train.data import BrushDataModule
 
@@ -126,17 +126,38 @@ def test_too_many_bad_samples_raise_naming_shard_and_key(tmp_path, tok):
     assert "shard-00" in message and any(k in message for k in [*_bad_cases(), "g0"])
 
 
-def test_truncated_shard_without_index_is_left_out(tmp_path, tok, caplog):
-    good = write_raw_tar(tmp_path / "shard-000.tar", [(f"g{i}", good_members(f"g{i}", i)) for i in range(3)])
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_shard_in_a_list_is_counted_named_and_its_intact_samples_kept(tmp_path, tok, caplog, damage):
+    """Scanned shards (no index): a truncated or empty shard next to good ones keeps its intact samples, its
+    lost samples count as bad samples (what ``train/bad_samples`` logs) and the WARNING names it, also
+    when the cached index is reused."""
+    write_raw_tar(tmp_path / "shard-000.tar", [(f"g{i}", good_members(f"g{i}", i)) for i in range(3)])
     broken = write_raw_tar(
-        tmp_path / "shard-001.tar", [(f"h{i}", good_members(f"h{i}", i)) for i in range(3)]
+        tmp_path / "shard-001.tar", [(f"h{i}", good_members(f"h{i}", i)) for i in range(4)]
     )
-    broken.write_bytes(broken.read_bytes()[:1500])
-    dm = BrushDataModule(
-        train_shards=str(tmp_path / "*.tar"), tokenizer=tok, resolution=RES, batch_size=1, num_workers=0
-    )
-    with caplog.at_level(logging.WARNING, logger="train.data.shards"):
-        dm.prepare_data()
-        dm.setup()
-    assert dm.table.shard_paths == [str(good.resolve())] and dm.num_samples == 3
-    assert "shard-001.tar" in caplog.text
+    if damage == "truncated":  # cut inside h2's image: h0, h1 intact, h2 lost, h3 gone with the tail
+        cut = dict(scan_shard(broken)[2].members)["image"][0] + 10
+        broken.write_bytes(broken.read_bytes()[:cut])
+    else:
+        broken.write_bytes(b"")
+    intact = ["g0", "g1", "g2", *(["h0", "h1"] if damage == "truncated" else [])]
+
+    def datamodule() -> BrushDataModule:
+        return BrushDataModule(
+            train_shards=str(tmp_path / "*.tar"), tokenizer=tok, resolution=RES, batch_size=1, num_workers=0
+        )
+
+    for run in ("scan", "cached index"):
+        caplog.clear()
+        dm = datamodule()
+        with caplog.at_level(logging.WARNING, logger="train.data.shards"):
+            dm.prepare_data()
+            dm.setup()
+        assert sorted(dm.table.key(i) for i in range(len(dm.table))) == intact, run
+        assert dm.bad_samples == 1, run  # h2 (truncated) / the shard's unknown content (empty), once
+        assert "damaged shard" in caplog.text and "shard-001.tar" in caplog.text, run
+        assert f"training on its {len(intact) - 3} intact samples, 1 lost" in caplog.text, run
+    batches = list(dm.train_dataloader_for(0, 1))
+    assert sorted(k for b in batches for k in b["keys"]) == intact  # the kept samples read and decode
+    assert sum(int(b["num_bad"]) for b in batches) == 0
+    assert dm.bad_samples == 1

@@ -289,8 +289,8 @@ class BrushDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ state
     @property
     def bad_samples(self) -> int:
-        """Bad samples skipped so far by this process (all epochs)."""
-        return self.tracker.bad
+        """Bad samples skipped so far by this process (all epochs), plus those lost in damaged shards."""
+        return self.tracker.bad + (self.table.lost_samples if self.table is not None else 0)
 
     def _consumed(self) -> tuple[int, int, int]:
         """(epoch, consumed global samples, consumed batches of this rank) of the current position."""

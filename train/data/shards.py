@@ -8,13 +8,15 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+import tarfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from braceexpand import braceexpand
 
-from brushnet.brushdata import BrushDataError, load_index, scan_shard, write_index
+from brushnet.atomic import atomic_write_text
+from brushnet.brushdata import BrushDataError, SampleRecord, load_index, scan_shard, write_index
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,54 @@ def is_local(source: str) -> bool:
 
 
 @dataclass
+class DamagedShard:
+    """A truncated, empty or corrupt shard found while scanning: the intact samples before the damage are
+    kept (``kept``), ``lost`` counts the samples it cut off (at least 1: what the missing tail held is unknown)."""
+
+    path: str
+    reason: str
+    lost: int
+    kept: list[dict] = field(default_factory=list)  # [{"key", "members": {suffix: [offset, size]}}]
+
+
+def salvage_shard(path: str | os.PathLike, reason: str) -> DamagedShard:
+    """The samples of a damaged tar that can still be read: every member needed by the loader present and
+    its data inside the file. Read with ``tarfile``, which stops at the first unreadable header."""
+    size = os.path.getsize(path)
+    samples: dict[str, dict[str, list[int]]] = {}
+    cut: set[str] = set()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            while True:
+                try:
+                    info = tar.next()
+                except (tarfile.TarError, EOFError, OSError):
+                    break
+                if info is None:
+                    break
+                folder, _, base = info.name.rpartition("/")
+                stem, dot, suffix = base.partition(".")  # webdataset's key rule, as brushdata.scan_shard
+                if not info.isfile() or not dot or not stem:
+                    continue
+                key = f"{folder}/{stem}" if folder else stem
+                members = samples.setdefault(key, {})
+                if info.offset_data + info.size > size:
+                    cut.add(key)
+                    break
+                members[suffix] = [info.offset_data, info.size]
+    except (tarfile.TarError, EOFError, OSError):  # empty, or unreadable from the first header on
+        pass
+    kept = [{"key": k, "members": m} for k, m in samples.items() if k not in cut and set(MEMBERS) <= set(m)]
+    return DamagedShard(str(path), reason, max(len(samples) - len(kept), 1), kept)
+
+
+def damaged_report_path(index_path: str | os.PathLike) -> Path:
+    """Where :func:`ensure_index` records (JSON) the damaged shards of a scanned index: next to it, with the
+    suffix ``.damaged`` instead of ``.json`` (so a glob for index files does not match it)."""
+    return Path(index_path).with_suffix(".damaged")
+
+
+@dataclass
 class SampleTable:
     """Compact (numpy, fork-friendly) table of every sample: its shard and each member's byte range."""
 
@@ -66,6 +116,12 @@ class SampleTable:
     shard_of: np.ndarray  # int32 [n]
     keys: np.ndarray  # bytes [n]
     spans: np.ndarray  # int64 [n, len(MEMBERS), 2]: (offset, size) of each member's data; -1 if absent
+    damaged: list[DamagedShard] = field(default_factory=list)
+
+    @property
+    def lost_samples(self) -> int:
+        """Samples cut off in damaged shards (counted once, at scan time; see :class:`DamagedShard`)."""
+        return sum(d.lost for d in self.damaged)
 
     def __len__(self) -> int:
         return len(self.shard_of)
@@ -87,13 +143,26 @@ class SampleTable:
         index = load_index(index_path)
         paths, shard_of, keys, spans = [], [], [], []
         wanted = None if only is None else {os.path.realpath(p) for p in only}
-        for shard in index.shards:
-            path = str(shard.file)
+        report = damaged_report_path(index_path)
+        damaged = []
+        if report.is_file():  # written by ensure_index: shards that were truncated or empty when scanned
+            damaged = [DamagedShard(**d) for d in json.loads(report.read_text())["damaged"]]
+        shards = [(str(s.file), s.samples) for s in index.shards]
+        for d in damaged:
+            log.warning(
+                "damaged shard %s (%s): training on its %d intact samples, %d lost (counted as bad samples)",
+                d.path,
+                d.reason,
+                len(d.kept),
+                d.lost,
+            )
+            shards.append((d.path, [SampleRecord(r["key"], r["members"]) for r in d.kept]))
+        for path, records in shards:
             if wanted is not None and os.path.realpath(path) not in wanted:
                 continue
             sid = len(paths)
             paths.append(path)
-            for record in shard.samples:
+            for record in records:
                 shard_of.append(sid)
                 keys.append(record.key.encode("utf-8"))
                 spans.append([tuple(record.members.get(m, (-1, -1))) for m in MEMBERS])
@@ -108,6 +177,7 @@ class SampleTable:
             np.asarray(shard_of, dtype=np.int32),
             np.asarray(keys, dtype=bytes),
             np.asarray(spans, dtype=np.int64).reshape(-1, len(MEMBERS), 2),
+            [d for d in damaged if wanted is None or os.path.realpath(d.path) in wanted],
         )
 
     def read_members(self, i: int, fds: dict[str, int]) -> dict[str, bytes]:
@@ -166,7 +236,7 @@ def ensure_index(shards: list[str], cache_dir: str | os.PathLike | None = None) 
             "use mode='stream' for pipe:/http sources"
         )
     path = cached_index_path(shards, cache_dir)
-    if path.is_file():
+    if path.is_file() and damaged_report_path(path).is_file():
         try:
             json.loads(path.read_text())
             return path
@@ -174,14 +244,16 @@ def ensure_index(shards: list[str], cache_dir: str | os.PathLike | None = None) 
             log.warning("cached index %s is unreadable; scanning the shards again", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     log.info("scanning %d shards for their sample offsets (once; cached at %s)", len(shards), path)
-    readable = []
+    readable, damaged = [], []
     for shard in shards:
         try:
             scan_shard(shard)  # headers only; write_index scans again while hashing the data
             readable.append(Path(shard).resolve())
-        except BrushDataError as e:  # truncated/corrupt tar: train on the others
-            log.warning("leaving out unreadable shard %s: %s", shard, e)
-    if not readable:
+        except BrushDataError as e:  # truncated/empty/corrupt tar: its intact samples and the others
+            damaged.append(salvage_shard(Path(shard).resolve(), e.reason))
+    if not readable and not any(d.kept for d in damaged):
         raise BrushDataError(shards[0], "?", f"none of the {len(shards)} shards could be read (see the log)")
+    # the report first: an index without a report next to it means no damaged shards
+    atomic_write_text(damaged_report_path(path), json.dumps({"damaged": [asdict(d) for d in damaged]}))
     write_index(readable, path, root=path.parent)
     return path
