@@ -40,6 +40,7 @@ def test_fit_checkpoints_exports_grids_and_resumes(tmp_path, tiny_base_sd15, dat
     log_dir = run / "logs" / "version_0"
     saved = (log_dir / "config.yaml").read_text()
     assert str(tiny_base_sd15) in saved and "BrushNetCheckpoint" in saved  # the resolved config
+    assert not {"optimizer", "lr_scheduler"} & set(yaml.safe_load(saved))  # only model.optimizer chooses
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))  # (+ a .sha256 sidecar each)
     assert ckpts == ["last.ckpt", "step-00000002.ckpt", "step-00000004.ckpt"], ckpts
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
@@ -72,7 +73,7 @@ def test_fit_checkpoints_exports_grids_and_resumes(tmp_path, tiny_base_sd15, dat
     mask[8:24, 8:24] = 255
     out = pipe(
         prompt="a cat",
-        image=np.asarray(grid)[:, :32],
+        image=np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8),
         mask=mask,
         num_inference_steps=2,
         guidance_scale=1.0,
@@ -121,6 +122,18 @@ def test_nan_stop_never_overwrites_a_good_checkpoint(tmp_path, tiny_base_sd15, d
     with pytest.raises(NonFiniteLossError, match="nan_policy='stop'"):
         build_cli(cli_args(tiny_base_sd15, data, run, cfg, "--trainer.max_steps=4", "--ckpt_path=last"))
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == good
+
+
+def test_resume_from_a_named_checkpoint_keeps_the_command_line(tmp_path, tiny_base_sd15, data):
+    """``--ckpt_path FILE`` resumes the state but not the hyperparameters stored in the file (Lightning's
+    LightningCLI would replace ``--model.noise_offset`` with the checkpoint's), as ``--ckpt_path last``."""
+    cfg = overlay(tmp_path / "o.yaml", every=2, ema=False)
+    build_cli(cli_args(tiny_base_sd15, data, tmp_path / "run", cfg, "--trainer.max_steps=2"))
+    step2 = tmp_path / "run" / "checkpoints" / "step-00000002.ckpt"
+    more = ("--trainer.max_steps=3", "--model.noise_offset=0.25", f"--ckpt_path={step2}")
+    resumed = build_cli(cli_args(tiny_base_sd15, data, tmp_path / "run", cfg, *more))
+    assert resumed.trainer.global_step == 3
+    assert resumed.model.hparams.noise_offset == 0.25
 
 
 def _seeded_run(tmp_path: Path, base: Path, data: Path, seed: int, name: str):
@@ -185,6 +198,7 @@ def test_only_fit_is_offered(subcommand, capsys):
         ("--data.train_shards={tmp}/none.tar", "none.tar does not exist"),
         ("--data.train_shards={tmp}/garbage.tar", "garbage.tar"),
         ("--ckpt_path={tmp}/none.ckpt", "none.ckpt"),
+        ("--ckpt_path={tmp}/empty.ckpt", "empty.ckpt"),  # train.checkpoint_io.CheckpointError
         ("--model.ema_decay=2", "ema_decay must be in (0, 1)"),
         ("--model.pretrained_model_name_or_path={tmp}/no-base", "no-base"),
     ],
@@ -193,6 +207,7 @@ def test_expected_errors_are_one_line_and_exit_2(
     arg, message, tmp_path, tiny_base_sd15, data, capsys, monkeypatch
 ):
     (tmp_path / "garbage.tar").write_bytes(b"not a tar file" * 100)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
     cfg = overlay(tmp_path / "o.yaml")
     args = cli_args(
         tiny_base_sd15, data, tmp_path / "run", cfg, "--trainer.max_steps=1", arg.format(tmp=tmp_path)
