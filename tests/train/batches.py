@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from brushnet.conditioning import token_ids
 from tests.train.data_builders import photo
 
 
@@ -22,26 +23,16 @@ def make_batch(tokenizer, size: int = 32, n: int = 2, start: int = 0, tokenizer_
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     masks = torch.stack([box_keep_mask(size, start + i) for i in range(n)])
     captions = [f"photo {start + i}" for i in range(n)]
-
-    def ids(tok):
-        return tok(
-            captions,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-
     batch = {
         "pixel_values": pixels,
         "conditioning_pixel_values": torch.where(masks > 0, pixels, torch.tensor(-1.0)),
         "masks": masks,
-        "input_ids": ids(tokenizer),
+        "input_ids": token_ids(tokenizer, captions),
         "original_size": torch.tensor([[size, size]] * n),
         "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
         "keys": [f"k{start + i}" for i in range(n)],
         "num_bad": torch.tensor(0),
     }
     if tokenizer_2 is not None:
-        batch["input_ids_2"] = ids(tokenizer_2)
+        batch["input_ids_2"] = token_ids(tokenizer_2, captions)
     return batch
