@@ -22,6 +22,7 @@ from brushnet.injection import unet_forward_with_brushnet
 from brushnet.model import BrushNetModel
 from brushnet.testing.tiny import tiny_unet
 from train.fsdp import apply_fsdp2, export_branch, is_sharded
+from train.monitor import gradient_norm
 from train.optim_sharded import ShardedAdamW8bit, make_sharded_adamw8bit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +81,9 @@ def test_apply_fsdp2_shards_branch_and_unet_per_block(mesh):
     for name, p in h.brushnet.named_parameters():
         torch.testing.assert_close(p.grad.full_tensor(), ref_grads[name].grad, msg=name)
     assert ref_grads["down_blocks.0.resnets.0.conv1.weight"].grad.abs().sum() > 0
+    # TrainingMonitor's train/grad_norm over DTensor gradients equals the plain modules' gradient norm
+    plain = torch.cat([p.grad.flatten() for p in reference.brushnet.parameters()]).norm()
+    torch.testing.assert_close(gradient_norm(h.brushnet.parameters()), plain)
     assert all(p.grad is None for p in h.unet.parameters())
 
 
