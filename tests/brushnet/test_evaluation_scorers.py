@@ -57,17 +57,20 @@ def test_all_configured_scorers_load_and_image_reward_is_unavailable(scorers):
 
 
 class _TensorFeatures(torch.nn.Module):
-    """torchmetrics 1.9 expects ``get_*_features`` to return tensors; transformers 5 returns output objects."""
+    """torchmetrics 1.9 expects ``get_*_features`` to return tensors; transformers 5 returns output objects
+    (``pooler_output`` holds the projected embedding)."""
 
     def __init__(self, model) -> None:
         super().__init__()
         self.model, self.config = model, model.config
 
     def get_image_features(self, *args, **kwargs):
-        return self.model.get_image_features(*args, **kwargs).pooler_output
+        out = self.model.get_image_features(*args, **kwargs)
+        return out if torch.is_tensor(out) else out.pooler_output
 
     def get_text_features(self, *args, **kwargs):
-        return self.model.get_text_features(*args, **kwargs).pooler_output
+        out = self.model.get_text_features(*args, **kwargs)
+        return out if torch.is_tensor(out) else out.pooler_output
 
 
 # 530 tokens with the test tokenizer: far past CLIP's 77 positions
