@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from train.tools.bench.models import build_module, make_batch
+from train.tools.bench.models import build_module, full_size_parts, make_batch
 from train.tools.bench.step import LiveTensorBytes, step_flops
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,3 +92,15 @@ def test_step_flops_count_attention(tmp_path):
     with torch.no_grad(), FlopCounterMode(display=False) as forward:
         module.compute_loss(batch, module.step_generator(0))
     assert flops > sdpa.get_total_flops() > forward.get_total_flops() > 0
+
+
+@pytest.mark.parametrize(("name", "branch_params"), [("sd15", 618.83e6), ("sdxl", 373.33e6)])
+def test_full_size_shapes_match_the_released_models(name, branch_params):
+    """The --full shapes (on meta: no memory) give the official branch sizes (BrushNet paper / releases)."""
+    from brushnet.model import BrushNetModel
+
+    with torch.device("meta"):
+        parts = full_size_parts(name)
+        branch = BrushNetModel.from_unet(parts["unet"], load_weights_from_unet=False)
+    assert sum(p.numel() for p in branch.parameters()) == pytest.approx(branch_params, rel=1e-4)
+    assert sum(p.numel() for p in parts["unet"].parameters()) > 8e8

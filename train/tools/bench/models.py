@@ -67,32 +67,42 @@ SHAPES = {
 FULL_ONLY = ("sd15", "sdxl")
 
 
-def build_module(root: Path, name: str) -> BrushNetTrainingModule:
-    """The training module for shape ``name``; frozen parts and branch replaced by random ones of the shape."""
+def full_size_parts(name: str) -> dict[str, torch.nn.Module]:
+    """Random UNet, VAE and text encoder(s) of the SD1.5 or SDXL shape (under ``torch.device("meta")``:
+    shapes only)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    vocab = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+    parts = {
+        "unet": UNet2DConditionModel(**(SD15_UNET if name == "sd15" else SDXL_UNET)),
+        "vae": AutoencoderKL(**SD_VAE),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**vocab, **CLIP_L)),
+    }
+    if name == "sdxl":
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**vocab, **CLIP_BIGG))
+    return parts
+
+
+def build_module(root: Path, name: str) -> BrushNetTrainingModule:
+    """The training module for shape ``name``; frozen parts and branch replaced by random ones of the shape."""
+    from diffusers import UNet2DConditionModel
+
     shape = SHAPES[name]
-    base = build_tiny_base(root / shape.kind, shape.kind)
+    base = build_tiny_base(root / name, shape.kind)
     module = BrushNetTrainingModule(str(base), optimizer="adamw")
     if name == "tiny":
         return module
     torch.manual_seed(0)
     if name == "small":
-        unet = UNet2DConditionModel.from_config({**module.unet.config, **SMALL_UNET})
+        module.unet = UNet2DConditionModel.from_config({**module.unet.config, **SMALL_UNET})
     else:
-        unet = UNet2DConditionModel(**(SD15_UNET if name == "sd15" else SDXL_UNET))
-    if name in FULL_ONLY:
-        module.vae = AutoencoderKL(**SD_VAE)
-        vocab = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
-        module.text_encoder = CLIPTextModel(CLIPTextConfig(**vocab, **CLIP_L))
-        if name == "sdxl":
-            module.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**vocab, **CLIP_BIGG))
-    module.unet = unet
+        for attr, part in full_size_parts(name).items():
+            setattr(module, attr, part)
     for frozen in module.frozen_models():
         frozen.requires_grad_(False)
     scale = 2 ** (len(module.vae.config.block_out_channels) - 1)
-    module.brushnet = BrushNetModel.from_unet(unet, vae_scale_factor=scale).float().train()
+    module.brushnet = BrushNetModel.from_unet(module.unet, vae_scale_factor=scale).float().train()
     return module
 
 

@@ -139,6 +139,11 @@ def markdown(result: dict) -> str:
                 for r in pipe["label"]
             )
             out += [f"labelling images/s: {labels}; shard write {pipe['shard_write']['mb_per_s']} MB/s"]
+            for d in pipe.get("download", []):
+                out += [
+                    f"img2dataset on loopback, {d['processes']} process(es): {d['images_per_s_downloading']} "
+                    f"images/s while downloading, {d['images_per_s_wall']} wall ({d['urls']} URLs)"
+                ]
     if result.get("not_run"):
         out += ["", f"not run: {', '.join(result['not_run'])} (`--full`; see the memory notes)"]
     return "\n".join(out)
