@@ -1,4 +1,4 @@
-"""The ablation study driver end to end on a 2-variant, few-step configuration; resumable."""
+"""The ablation study: its config overlays, and the driver end to end on a 2-variant, few-step run."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from brushnet.brushdata import write_index
 from tests.train.data_builders import write_shards
+from tests.train.test_configs import CONFIGS, parse
+from train.tools.ablations import TRAINED
 
 
 @pytest.mark.slow
@@ -56,3 +59,16 @@ def test_study_trains_evaluates_writes_table_and_plots_and_resumes(tiny_base_sd1
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training brushnet seed 0" not in again.stderr
     assert json.loads((out / "results.json").read_text())["records"] == results["records"]
+
+
+@pytest.mark.parametrize("variant", TRAINED)
+@pytest.mark.parametrize("base", ["tiny_cpu.yaml", "sd15_segmentation_mask.yaml"])
+def test_every_ablation_overlay_composes_and_changes_only_its_switches(variant, base):
+    plain = parse(CONFIGS / base)
+    cfg = parse(CONFIGS / base, CONFIGS / "ablations" / f"{variant}.yaml")
+    overlay = yaml.safe_load((CONFIGS / "ablations" / f"{variant}.yaml").read_text())
+    changed = {k for k in vars(cfg.model) if cfg.model[k] != plain.model[k]}
+    assert changed <= set(overlay["model"]) and set(overlay) == {"model"}
+    assert cfg.data == plain.data and cfg.trainer == plain.trainer
+    switches = {"injection", "condition_encoder", "branch_cross_attention", "single_branch"}
+    assert set(overlay["model"]) <= switches
