@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -28,8 +29,13 @@ from train.requeue import SlurmRequeue
 
 log = logging.getLogger(__name__)
 
-# Expected training errors on top of brushnet.errors.EXPECTED_ERRORS: one line on stderr, exit 2.
-TRAINING_ERRORS: tuple[type[BaseException], ...] = (MisconfigurationException, NonFiniteLossError)
+# Expected training errors on top of brushnet.errors.EXPECTED_ERRORS (command line and config errors,
+# a nan_policy='stop' stop): one line on stderr, exit 2.
+TRAINING_ERRORS: tuple[type[BaseException], ...] = (
+    ArgumentError,
+    MisconfigurationException,
+    NonFiniteLossError,
+)
 
 DESCRIPTION = (
     f"Train a BrushNet branch. {EXIT_STATUS_HELP} --seed_everything N is the run's one seed: model.seed, "
@@ -104,7 +110,8 @@ def build_cli(args: list[str], run: bool = True) -> BrushNetCLI:
         BrushDataModule,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION},
+        # a bad option or config value raises (one line from main) instead of printing the whole usage
+        parser_kwargs={"description": DESCRIPTION, "exit_on_error": False, "fit": {"exit_on_error": False}},
         args=args,
         run=run,
     )
