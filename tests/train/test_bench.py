@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from train.data.transforms import normalize_batch
 from train.tools.bench.models import build_module, full_size_parts, make_batch
 from train.tools.bench.step import LiveTensorBytes, step_flops
 
@@ -88,9 +89,9 @@ def test_step_flops_count_attention(tmp_path):
     batch = make_batch(module, "tiny", torch.device("cpu"))
     flops = step_flops(module, batch)
     with FlopCounterMode(display=False) as sdpa:
-        module.compute_loss(batch, module.step_generator(0)).backward()
+        module.compute_loss(normalize_batch(batch), module.step_generator(0)).backward()
     with torch.no_grad(), FlopCounterMode(display=False) as forward:
-        module.compute_loss(batch, module.step_generator(0))
+        module.compute_loss(normalize_batch(batch), module.step_generator(0))
     assert flops > sdpa.get_total_flops() > forward.get_total_flops() > 0
 
 

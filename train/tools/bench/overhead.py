@@ -8,6 +8,7 @@ import time
 import lightning as L
 from torch.utils.data import DataLoader
 
+from train.data.transforms import normalize_batch
 from train.module import BrushNetTrainingModule
 from train.optim import build_optimizer
 from train.tools.bench.common import median
@@ -34,7 +35,7 @@ def bare_loop(module: BrushNetTrainingModule, batch: dict, steps: int) -> list[f
     device = batch["pixel_values"].device
     times, last = [], time.perf_counter()
     for i in range(steps + 1):
-        loss = module.compute_loss(batch, module.step_generator(i))
+        loss = module.compute_loss(normalize_batch(batch), module.step_generator(i))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 
+from train.data.transforms import normalize_batch
 from train.module import BrushNetTrainingModule
 from train.optim import build_optimizer
 from train.tools.bench.common import interleaved, median, spread
@@ -50,7 +51,7 @@ def train_step(
     device = batch["pixel_values"].device
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     with ctx:
-        loss = module.compute_loss(batch, module.step_generator(0))
+        loss = module.compute_loss(normalize_batch(batch), module.step_generator(0))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -72,7 +73,7 @@ def step_flops(module: BrushNetTrainingModule, batch: dict) -> int:
         attention.set_processor(AttnProcessor())
     try:
         with FlopCounterMode(display=False) as counter:
-            module.compute_loss(batch, module.step_generator(0)).backward()
+            module.compute_loss(normalize_batch(batch), module.step_generator(0)).backward()
     finally:
         for attention, processor in saved.items():
             attention.set_processor(processor)
