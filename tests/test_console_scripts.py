@@ -132,3 +132,26 @@ def test_brushnet_data_exit_codes(tmp_path):
     assert (tmp_path / "run" / "index.json").is_file()
     bad = run("brushnet-data", "validate", f"--config={tmp_path / 'missing.yaml'}")
     assert_one_line_error(bad, "brushnet-data", "missing.yaml")
+
+
+def test_run_console_keeps_tracebacks_for_bugs_only(monkeypatch, capsys):
+    from brushnet.console import run_console
+    from brushnet.errors import BrushNetError
+
+    monkeypatch.delenv("BRUSHNET_DEBUG", raising=False)
+    seen: list[list[str]] = []
+
+    def expected(argv: list[str]) -> None:
+        seen.append(argv)
+        raise BrushNetError("shard x.tar: bad\nsecond line")
+
+    assert run_console("prog", expected, ["a"]) == 2
+    assert (
+        capsys.readouterr().err == "prog: error: shard x.tar: bad second line (--debug for the traceback)\n"
+    )
+    with pytest.raises(BrushNetError):
+        run_console("prog", expected, ["a", "--debug"])
+    assert seen == [["a"], ["a"]]  # --debug never reaches the command's own parser
+    with pytest.raises(KeyError):  # a bug: its traceback, whatever the switches
+        run_console("prog", lambda argv: {}["missing"], [])
+    assert run_console("prog", lambda argv: None, []) == 0
