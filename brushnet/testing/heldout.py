@@ -1,6 +1,6 @@
 """Masked-region error of an inpainting pipeline on crops of the held-out photos (never trained on).
 
-Each case is a random crop of a photo in :data:`brushnet.testing.photos.HELD_OUT_PHOTOS` with a random box hole
+Each case is a random square crop of a photo in :data:`brushnet.testing.photos.HELD_OUT_PHOTOS` with a random box hole
 (25-50 % of each side). The score is the PSNR / MSE of the output *inside the hole* against the ground truth;
 blending does not change those pixels (:func:`brushnet.masks.blurred_blend` keeps the hole exactly generated).
 Every variant is run with the same seeds, so differences come from the branch alone.
@@ -8,11 +8,13 @@ Every variant is run with the same seeds, so differences come from the branch al
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from brushnet.model import BrushNetModel
 from brushnet.testing.photos import HELD_OUT_PHOTOS, PhotoCrops
 
 
@@ -23,10 +25,13 @@ class HeldOutCase:
     caption: str
 
 
-def held_out_cases(n: int = 16, size: int = 64, seed: int = 0) -> list[HeldOutCase]:
-    """``n`` deterministic (crop, box hole, caption) cases from the held-out photos."""
+def held_out_cases(
+    n: int = 16, size: int = 64, seed: int = 0, scales: tuple[float, ...] = (1.0,)
+) -> list[HeldOutCase]:
+    """``n`` deterministic (crop, box hole, caption) cases from the held-out photos. The default scale (short
+    side = ``size``, random square crop, random flip) is what the trainer's DataModule does to its photos."""
     rng = np.random.default_rng(seed)
-    crops, captions = PhotoCrops(HELD_OUT_PHOTOS, size).sample(n, rng)
+    crops, captions = PhotoCrops(HELD_OUT_PHOTOS, size, scales).sample(n, rng)
     images = ((crops.transpose(0, 2, 3, 1) + 1.0) * 127.5).round().astype(np.uint8)
     cases = []
     for image, caption in zip(images, captions):
@@ -70,3 +75,39 @@ def inpaint_cases(
         )
         outputs.append(result.images[0])
     return outputs
+
+
+def compare_branches(
+    base: str | os.PathLike,
+    branches: dict[str, str | os.PathLike | BrushNetModel],
+    cases: list[HeldOutCase],
+    steps: int = 10,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Hole scores of ``base alone`` (the first branch at conditioning scale 0: the same pipeline and blending
+    with no branch residuals) and of every branch at scale 1, all with the same seeds."""
+    from brushnet.loading import load_brushnet
+    from brushnet.pipeline import BrushNetInpaintPipeline
+
+    results: dict[str, dict[str, float]] = {}
+    pipe = None
+    for name, branch in branches.items():
+        model = branch if isinstance(branch, BrushNetModel) else load_brushnet(branch)
+        if pipe is None:
+            pipe = BrushNetInpaintPipeline.from_base(base, model)
+            pipe.set_progress_bar_config(disable=True)
+            results["base alone"] = hole_scores(inpaint_cases(pipe, cases, 0.0, steps, seed), cases)
+        else:
+            pipe.register_modules(brushnet=model.eval())
+        results[name] = hole_scores(inpaint_cases(pipe, cases, 1.0, steps, seed), cases)
+    return results
+
+
+def untrained_branch(base: str | os.PathLike) -> BrushNetModel:
+    """The branch a new training run starts from: cloned from the base UNet (zero-initialised outputs)."""
+    from brushnet.loading import load_base_components
+
+    parts = load_base_components(base)
+    return BrushNetModel.from_unet(
+        parts.unet, vae_scale_factor=2 ** (len(parts.vae.config.block_out_channels) - 1)
+    )
