@@ -163,18 +163,22 @@ def verify_checkpoint(path: str | os.PathLike) -> int:
     return checkpoint["global_step"]
 
 
-class _WriteErrors:
-    """A binary file that remembers the ``OSError`` of a failed write."""
+class _HashingWriter:
+    """A binary file that hashes what is written (torch's zip writer writes sequentially) and remembers the
+    ``OSError`` of a failed write."""
 
     def __init__(self, file: Any) -> None:
         self.file, self.error = file, None
+        self.sha256 = hashlib.sha256()
 
     def write(self, data: bytes) -> int:
         try:
-            return self.file.write(data)
+            written = self.file.write(data)
         except OSError as e:
             self.error = e
             raise
+        self.sha256.update(memoryview(data)[:written])
+        return written
 
     def flush(self) -> None:
         self.file.flush()
@@ -190,17 +194,24 @@ class StagedCheckpointIO(TorchCheckpointIO):
     are verified first (:func:`verify_checkpoint`).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.digests: dict[
+            str, str
+        ] = {}  # sha256 of the files saved, until save_checkpoint_atomically takes it
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         with atomic_output(path) as f:
-            recorder = _WriteErrors(f)
+            writer = _HashingWriter(f)
             try:
-                torch.save(checkpoint, recorder)
+                torch.save(checkpoint, writer)
             except RuntimeError:  # torch's zip writer reports a failed write as "unexpected pos ..."
-                if recorder.error is None:
+                if writer.error is None:
                     raise
-                raise recorder.error from None  # the OSError itself (ENOSPC, EFBIG, EIO, ...)
+                raise writer.error from None  # the OSError itself (ENOSPC, EFBIG, EIO, ...)
+        self.digests[str(path)] = writer.sha256.hexdigest()  # spares reading the file back to hash it
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         verify_checkpoint(path)
@@ -226,7 +237,9 @@ def save_checkpoint_atomically(trainer: L.Trainer, filepath: str, weights_only: 
     try:
         trainer.save_checkpoint(tmp, weights_only)  # collective; ends with a barrier
         if trainer.is_global_zero:
-            digests = file_digests(tmp, name=target.name)
+            io = trainer.strategy.checkpoint_io
+            streamed = io.digests.pop(str(tmp), None) if isinstance(io, StagedCheckpointIO) else None
+            digests = {target.name: streamed} if streamed else file_digests(tmp, name=target.name)
             checksum_path(target).unlink(missing_ok=True)
             if tmp.is_dir() and target.is_dir():  # sharded (distributed) checkpoint folders
                 remove_path(target)
