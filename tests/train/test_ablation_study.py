@@ -13,7 +13,7 @@ import yaml
 from brushnet.brushdata import write_index
 from tests.train.data_builders import write_shards
 from tests.train.test_configs import CONFIGS, parse
-from train.tools.ablations import TRAINED
+from train.tools.ablations import METRICS, TRAINED
 
 
 @pytest.mark.slow
@@ -40,24 +40,32 @@ def test_study_trains_evaluates_writes_table_and_plots_and_resumes(tiny_base_sd1
     assert index  # the data the runs trained on
     results = json.loads((out / "results.json").read_text())
     variants = {r["variant"] for r in results["records"]}
-    assert variants == {"blend_blur", "blend_paste", "no_blend", "half_injection"}
+    assert variants == {"blend_blur", "blend_paste", "no_blend", "base_alone", "half_injection"}
     for rec in results["records"]:
-        assert set(rec["scores"]) == {"hole_psnr", "hole_mse", "preserved_psnr", "preserved_mse"}
-        assert 0 < rec["scores"]["hole_mse"] < 1
+        assert set(rec["scores"]) == set(METRICS)
+        assert 0 < rec["scores"]["hole_mse"] < 1 and rec["scores"]["seam_grad_mse"] > 0
     paste = next(r for r in results["records"] if r["variant"] == "blend_paste")["scores"]
     no_blend = next(r for r in results["records"] if r["variant"] == "no_blend")["scores"]
     assert paste["preserved_mse"] == 0.0 and no_blend["preserved_mse"] > 0.0  # a hard paste keeps the input
     table = (out / "ablations.md").read_text()
     assert "| half_injection | 1 |" in table and "hole_psnr" in table
-    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(
-        f"{m}.png" for m in ("hole_psnr", "hole_mse", "preserved_psnr", "preserved_mse")
-    )
+    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(f"{m}.png" for m in METRICS)
     assert (out / "half_injection" / "seed-0" / "result.json").is_file()
 
     # a rerun skips finished runs: no training subprocess, same records
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training brushnet seed 0" not in again.stderr
+    assert json.loads((out / "results.json").read_text())["records"] == results["records"]
+
+    # a run whose result lacks a metric (added later) is evaluated again from its export, not retrained
+    done = out / "half_injection" / "seed-0" / "result.json"
+    recs = json.loads(done.read_text())
+    del recs[0]["scores"]["seam_grad_mse"]
+    done.write_text(json.dumps(recs))
+    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "training half_injection" not in third.stderr and "half_injection seed 0:" in third.stderr
     assert json.loads((out / "results.json").read_text())["records"] == results["records"]
 
 

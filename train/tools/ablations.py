@@ -43,8 +43,9 @@ TRAINED = [
 ]
 BLENDING = {"blend_blur": {"blend": True, "blur_size": 21}, "blend_paste": {"blend": True, "blur_size": 0}}
 BLENDING["no_blend"] = {"blend": False, "blur_size": 21}
-METRICS = ["hole_psnr", "hole_mse", "preserved_psnr", "preserved_mse"]
-HIGHER_IS_BETTER = {"hole_psnr": True, "hole_mse": False, "preserved_psnr": True, "preserved_mse": False}
+METRICS = ["hole_psnr", "hole_mse", "preserved_psnr", "preserved_mse", "seam_grad_mse"]
+HIGHER_IS_BETTER = {m: m.endswith("psnr") for m in METRICS}
+SEAM_WIDTH = 2  # px on each side of the hole's edge
 PSNR_CAP = 60.0  # dB: an exactly preserved region (hard paste) has infinite PSNR; capped for means and plots
 log = logging.getLogger("train.tools.ablations")
 
@@ -74,22 +75,51 @@ def train_variant(variant: str, seed: int, run: Path, base: str, data_args: list
         raise RuntimeError(
             f"training {variant} seed {seed} failed (exit {done.returncode}): see {run / 'train.log'}"
         )
-    exports = sorted(run.glob("**/export/step-*/brushnet"))
-    if not exports:
-        raise RuntimeError(f"training {variant} seed {seed} wrote no export under {run}")
-    return exports[-1]
+    export = final_export(run, steps)
+    if export is None:
+        raise RuntimeError(f"training {variant} seed {seed} wrote no export of step {steps} under {run}")
+    return export
+
+
+def final_export(run: Path, steps: int) -> Path | None:
+    """The export of the run's last step (written atomically: a folder there is complete), if any."""
+    found = sorted(run.glob(f"**/export/step-{steps:08d}/brushnet"))
+    return found[-1] if found else None
+
+
+def _gradient_magnitude(rgb: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    gray = rgb.astype(np.float64).mean(axis=2) / 255.0
+    return np.hypot(ndimage.sobel(gray, axis=0), ndimage.sobel(gray, axis=1))
+
+
+def seam_gradient_error(output: np.ndarray, case: HeldOutCase) -> float:
+    """Mean squared difference of Sobel gradient magnitudes (output vs ground truth) in a band of
+    ``SEAM_WIDTH`` px on both sides of the hole's edge: what a visible seam adds, and what blending is for."""
+    from scipy import ndimage
+
+    band = ndimage.binary_dilation(case.hole, iterations=SEAM_WIDTH) & ~ndimage.binary_erosion(
+        case.hole, iterations=SEAM_WIDTH
+    )
+    diff = _gradient_magnitude(output) - _gradient_magnitude(case.image)
+    return float((diff[band] ** 2).mean())
+
+
+def _psnr(mse: float) -> float:
+    return PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) else 10 * math.log10(1 / mse)
 
 
 def _scores(outputs: list[np.ndarray], cases: list[HeldOutCase]) -> dict[str, float]:
     hole = [preserved_region_errors(c.image, o, c.hole) for o, c in zip(outputs, cases)]
     kept = [preserved_region_errors(c.image, o, ~c.hole) for o, c in zip(outputs, cases)]
     hole_mse, kept_mse = float(np.mean([e.mse for e in hole])), float(np.mean([e.mse for e in kept]))
-    psnr = lambda mse: PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) else 10 * math.log10(1 / mse)  # noqa: E731
     return {
-        "hole_psnr": psnr(hole_mse),
+        "hole_psnr": _psnr(hole_mse),
         "hole_mse": hole_mse,
-        "preserved_psnr": psnr(kept_mse),
+        "preserved_psnr": _psnr(kept_mse),
         "preserved_mse": kept_mse,
+        "seam_grad_mse": float(np.mean([seam_gradient_error(o, c) for o, c in zip(outputs, cases)])),
     }
 
 
@@ -136,14 +166,19 @@ def inpaint(variant: str, pipe, cases: list[HeldOutCase], steps: int, **blending
 
 
 def evaluate_variant(variant: str, base: str, export: Path, cases: list[HeldOutCase], steps: int) -> dict:
-    """Scores of one trained run; the ``brushnet`` variant also scores every blending mode."""
+    """Scores of one trained run. The ``brushnet`` variant also scores every blending mode and, as the
+    reference, the base alone (conditioning scale 0: the frozen base with the same blending)."""
     pipe = _pipeline(variant, base, export)
+    blur = BLENDING["blend_blur"]
     with torch.no_grad():
         if variant != "brushnet":
-            return {variant: _scores(inpaint(variant, pipe, cases, steps, **BLENDING["blend_blur"]), cases)}
-        return {
+            return {variant: _scores(inpaint(variant, pipe, cases, steps, **blur), cases)}
+        scores = {
             name: _scores(inpaint(variant, pipe, cases, steps, **kw), cases) for name, kw in BLENDING.items()
         }
+        base_alone = inpaint(variant, pipe, cases, steps, brushnet_conditioning_scale=0.0, **blur)
+        scores["base_alone"] = _scores(base_alone, cases)
+        return scores
 
 
 def summarise(records: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -219,10 +254,13 @@ def run_study(
             run = out / variant / f"seed-{seed}"
             done = run / "result.json"
             if done.is_file():
-                records += json.loads(done.read_text())
-                continue
+                recs = json.loads(done.read_text())
+                if all(set(METRICS) <= set(r["scores"]) for r in recs):
+                    records += recs
+                    continue
             run.mkdir(parents=True, exist_ok=True)
-            export = train_variant(variant, seed, run, base, data_args, steps)
+            # trained before (a rerun after a metric was added evaluates again) or trained now
+            export = final_export(run, steps) or train_variant(variant, seed, run, base, data_args, steps)
             scores = evaluate_variant(variant, base, export, held_out, eval_steps)
             recs = [
                 {"variant": v, "seed": seed, "trained_as": variant, "scores": s} for v, s in scores.items()
