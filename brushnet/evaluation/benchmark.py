@@ -164,9 +164,7 @@ def check_run_config(out_dir: Path, settings: GenerationSettings) -> None:
                 "use another output folder or delete it"
             )
         return
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(wanted, indent=2))
-    os.replace(tmp, path)
+    atomic.atomic_write_text(path, json.dumps(wanted, indent=2))
 
 
 def generate(

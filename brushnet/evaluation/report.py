@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import statistics
@@ -13,6 +14,7 @@ from typing import Any
 import PIL.Image
 import PIL.ImageDraw
 
+from brushnet.atomic import atomic_write_text, save_image_atomic
 from brushnet.evaluation.benchmark import BenchmarkItem, load_source, masked_input, output_paths
 from brushnet.evaluation.evaluate import METRICS, mean_finite
 
@@ -20,16 +22,6 @@ PER_IMAGE_CSV = "evaluation_per_image.csv"
 SUMMARY_CSV = "evaluation_summary.csv"
 REPORT_MD = "evaluation_report.md"
 THUMB = 160
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _fmt(value: Any) -> str:
@@ -72,14 +64,12 @@ def summarize(rows: Sequence[dict], columns: Sequence[str], unavailable: dict[st
 
 
 def write_csv(path: Path, rows: Sequence[dict], fieldnames: Sequence[str]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow(row)  # floats in full precision; nan / inf spelled out
-
-    _atomic_write(path, write)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(fieldnames), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)  # floats in full precision; nan / inf spelled out
+    atomic_write_text(path, text.getvalue())
 
 
 def _thumb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -176,7 +166,7 @@ def write_report(
         if grid is None:
             continue
         grid_path = grid_dir / f"{m}.png"
-        _atomic_write(grid_path, lambda tmp, g=grid: g.save(tmp, format="PNG"))
+        save_image_atomic(grid, grid_path)
         paths[f"grid_{m}"] = grid_path
         lines += [
             f"## {METRICS[m].label}",
@@ -186,5 +176,5 @@ def write_report(
             f"![{m}](grids/{m}.png)",
             "",
         ]
-    _atomic_write(paths["report"], lambda tmp: tmp.write_text("\n".join(lines), encoding="utf-8"))
+    atomic_write_text(paths["report"], "\n".join(lines))
     return paths
