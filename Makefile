@@ -42,11 +42,14 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# `make demo`: tiny base + tiny BrushData set from real photos, a few hundred CPU steps, export, grids.
-# `make demo BASE=<hub id or folder>` trains the same way on a real base model.
+# `make demo`: the shipped tiny base trained on photos + a tiny BrushData set, a few hundred CPU steps, export,
+# grids, held-out inpainting numbers. Each run gets demo/runs/NNN (an unfinished one is resumed; nothing is
+# deleted). `make demo BASE=<hub id or folder>` trains the same way on a real base model;
+# DEMO_ARGS="--new --steps 500" passes more options (python -m train.tools.demo --help).
 BASE ?=
+DEMO_ARGS ?=
 demo: install
-	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python -m train.tools.demo $(if $(BASE),--base $(BASE))
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python -m train.tools.demo $(if $(BASE),--base $(BASE)) $(DEMO_ARGS)
 
 # `make ablations`: the paper's ablations (configs/ablations/) trained and evaluated on the tiny photo base,
 # 3 seeds each, resumable; ABLATION_ARGS="--steps 600 --seeds 0,1,2,3,4" etc. (python -m train.tools.ablations -h)

@@ -57,35 +57,36 @@ def classical_masks(rgb: np.ndarray, max_masks: int = 4) -> list[np.ndarray]:
     return masks[:max_masks]
 
 
-def write_demo_shards(folder: Path, size: int = 256, repeats: int = 4) -> Path:
-    """BrushData shards of the training photos (each ``repeats`` times) written with ``ShardWriter``."""
+def write_demo_shards(folder: Path, size: int = 128, crops_per_photo: int = 32, seed: int = 0) -> Path:
+    """BrushData shards of random crops (several scales, flips) of the training photos, with classical
+    masks, written with ``ShardWriter``: many different views instead of a handful of whole photos."""
     import PIL.Image
 
     from brushnet.brushdata import BrushDataSample, ShardWriter
     from brushnet.masks import brushdata_rle_encode
-    from brushnet.testing.photos import TRAIN_PHOTOS, load_photo, resize_short_side
+    from brushnet.testing.photos import TRAIN_PHOTOS, PhotoCrops
 
     folder.mkdir(parents=True, exist_ok=True)
-    n = 0
+    crops, captions = PhotoCrops(TRAIN_PHOTOS, size).sample(
+        crops_per_photo * len(TRAIN_PHOTOS), np.random.default_rng(seed)
+    )
+    images = ((crops.transpose(0, 2, 3, 1) + 1.0) * 127.5).round().astype(np.uint8)
     with ShardWriter(folder, "demo-000000") as writer:
-        for r in range(repeats):
-            for name, caption in TRAIN_PHOTOS.items():
-                rgb = resize_short_side(load_photo(name), size)
-                buf = io.BytesIO()
-                PIL.Image.fromarray(rgb).save(buf, format="JPEG", quality=92)
-                writer.write(
-                    BrushDataSample(
-                        key=f"{name}_{r}",
-                        image=buf.getvalue(),
-                        caption=caption,
-                        height=rgb.shape[0],
-                        width=rgb.shape[1],
-                        masks=[brushdata_rle_encode(m) for m in classical_masks(rgb)],
-                        meta={"source": f"skimage.data.{name}"},
-                    )
+        for i, (rgb, caption) in enumerate(zip(images, captions)):
+            buf = io.BytesIO()
+            PIL.Image.fromarray(rgb).save(buf, format="JPEG", quality=92)
+            writer.write(
+                BrushDataSample(
+                    key=f"crop_{i:05d}",
+                    image=buf.getvalue(),
+                    caption=caption,
+                    height=size,
+                    width=size,
+                    masks=[brushdata_rle_encode(m) for m in classical_masks(rgb)],
+                    meta={"source": "skimage.data training photos, random crop"},
                 )
-                n += 1
-    log.info("wrote %d demo samples to %s", n, folder)
+            )
+    log.info("wrote %d demo samples to %s", len(images), folder)
     return folder
 
 
