@@ -54,6 +54,18 @@ class CaptionTokenizers:
         return out
 
 
+def load_caption_tokenizers(name_or_path: str | os.PathLike):
+    """The tokenizers whose ids a base's training batches carry: :class:`CaptionTokenizers` for a UNet
+    base, :class:`brushnet.dit.text.DiTTokenizers` for an SD3 / Flux one (a ``transformer/`` folder)."""
+    if not str(name_or_path):
+        raise ValueError("no tokenizer given: pass the base model's folder or hub id")
+    if (resolve_pretrained(name_or_path) / "transformer" / "config.json").is_file():
+        from brushnet.dit.text import DiTTokenizers
+
+        return DiTTokenizers.from_pretrained(name_or_path)
+    return CaptionTokenizers.from_pretrained(name_or_path)
+
+
 def token_ids(tokenizer, text: str | Sequence[str]) -> torch.Tensor:
     """Token ids padded/truncated to the tokenizer's context length: L for a string, B x L for a list."""
     texts = [text] if isinstance(text, str) else list(text)

@@ -1,10 +1,9 @@
 """``BrushNetTrainingModule``: the LightningModule that trains a BrushNet branch on a frozen base model.
 
-One step (official ``examples/brushnet/train_brushnet.py``, plus options the official script lacks):
-image and masked image through the frozen VAE in one batched call, the keep-mask resized to latent size
-(nearest, ``F.interpolate``'s default as in the official script), noise + uniform timesteps, text
-conditioning, branch -> residuals -> frozen UNet -> MSE against epsilon or v (the base scheduler's
-``prediction_type``), optionally min-SNR-gamma weighted.
+The base folder's family is picked once, at construction (:func:`train.families.load_family`): the UNet
+family (SD 1.5 / 2.x / SDXL, :mod:`train.family_unet`: epsilon / v MSE) or a DiT family (SD3 / Flux,
+:mod:`train.family_dit`: flow matching). The family holds the frozen models and computes the loss and the
+inference pipeline; this module holds the branch, the EMA, the optimizer and the step bookkeeping.
 
 Randomness of a step (VAE sampling, noise, timesteps) comes from a generator seeded by ``(seed, rank,
 micro-batch counter)``, so a resumed run draws exactly what an uninterrupted run draws.
@@ -14,27 +13,19 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from brushnet.conditioning import check_sdxl_unet_fits, sdxl_time_ids, text_conditioning
-from brushnet.guidance import predict_with_branch
-from brushnet.injection import branch_condition
-from brushnet.loading import check_branch_matches_unet, load_base_components
-from brushnet.model import BrushNetModel
-from brushnet.single_branch import inpainting_unet_from, single_branch_input
+from brushnet.dit.training import WeightingScheme
 from train.checkpoint_state import check_trained_weights, keep_trained_weights
 from train.data.transforms import normalize_batch
+from train.families import FamilyParts, load_family
 from train.nonfinite import NanPolicy, NonFiniteLossError, NonFiniteSteps
 from train.optim import OptimizerName, ScheduleName, build_optimizer, build_scheduler
 from train.precision import warn_if_emulated_bf16, weight_dtype_for
-
-if TYPE_CHECKING:
-    from brushnet.pipeline import BrushNetInpaintPipeline
 
 __all__ = ["BrushNetTrainingModule", "NonFiniteLossError", "weight_dtype_for"]
 
@@ -45,14 +36,15 @@ ConditionEncoder = Literal["vae", "conv"]
 
 
 class BrushNetTrainingModule(L.LightningModule):
-    """Train a BrushNet branch on a frozen SD 1.5 / SD 2.x / SDXL base.
+    """Train a BrushNet branch on a frozen SD 1.5 / SD 2.x / SDXL, SD3 / SD3.5 or Flux.1 base.
 
     Args:
         pretrained_model_name_or_path: base model, diffusers folder or hub id.
         variant / vae / revision: as :func:`brushnet.loading.load_base_components` (``vae``: e.g. SDXL's
             fp16-fix VAE).
         brushnet_model_name_or_path: an existing branch folder/id to fine-tune (official releases load);
-            ``None`` clones a new branch from the UNet (``BrushNetModel.from_unet``).
+            ``None`` clones a new branch from the UNet (``BrushNetModel.from_unet``) or builds one from the
+            DiT transformer (``from_transformer``).
         optimizer: ``adamw``, ``adamw8bit`` (official) or ``paged_adamw8bit``.
         lr_scheduler: ``constant`` (official), ``cosine`` or ``linear`` after ``lr_warmup_steps``; the decay
             ends at ``trainer.max_steps``.
@@ -68,6 +60,11 @@ class BrushNetTrainingModule(L.LightningModule):
             (:class:`brushnet.model.BrushNetModel`; defaults = BrushNet); a loaded branch keeps its own.
         single_branch: the "dual vs single branch" baseline (:mod:`brushnet.single_branch`): no branch; a
             9-channel copy of the UNet is fine-tuned instead (held, trained and exported as ``brushnet``).
+        branch_num_layers / branch_text (DiT): the new branch's depth (None: the family's default) and
+            whether its blocks keep the joint text stream.
+        weighting_scheme / logit_mean / logit_std / mode_scale (DiT): timestep sampling and loss weighting
+            (:class:`brushnet.dit.training.FlowMatchingObjective`). flux_guidance: the guidance embedding of
+            a guidance-distilled Flux (dev). with_t5 (SD3): false leaves T5 out (its tokens become zeros).
     """
 
     def __init__(
@@ -97,51 +94,29 @@ class BrushNetTrainingModule(L.LightningModule):
         condition_encoder: ConditionEncoder = "vae",
         branch_cross_attention: bool = False,
         single_branch: bool = False,
+        branch_num_layers: int | None = None,
+        branch_text: bool = False,
+        weighting_scheme: WeightingScheme = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        flux_guidance: float = 3.5,
+        with_t5: bool = True,
     ) -> None:
         super().__init__()
         self.nonfinite = NonFiniteSteps(nan_policy, max_consecutive_skips)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
         self.save_hyperparameters()
-        parts = load_base_components(
-            pretrained_model_name_or_path, variant=variant, vae=vae, revision=revision
-        )
-        self.vae, self.unet = parts.vae, parts.unet
-        self.text_encoder, self.tokenizer = parts.text_encoder, parts.tokenizer
-        self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
-        self.noise_scheduler = parts.scheduler
+        self.parts: FamilyParts = load_family(pretrained_model_name_or_path, self.hparams)
+        for name, value in self.parts.attributes.items():  # vae, unet / transformer, tokenizer, ...
+            setattr(self, name, value)
         for frozen in self.frozen_models():
             frozen.requires_grad_(False)
-        if self.text_encoder_2 is not None:
-            check_sdxl_unet_fits(self.unet, self.text_encoder_2)
-        if brushnet_model_name_or_path:
-            from brushnet.loading import load_brushnet
-
-            branch = load_brushnet(brushnet_model_name_or_path, torch_dtype=torch.float32)
-            check_branch_matches_unet(branch, self.unet)
-        elif single_branch:
-            branch = inpainting_unet_from(self.unet)
-        else:
-            branch = BrushNetModel.from_unet(
-                self.unet,
-                injection=injection,
-                condition_encoder=condition_encoder,
-                branch_cross_attention=branch_cross_attention,
-                vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1),
-            )
-        self.brushnet = branch.float().train()  # fp32 master weights whatever the precision
-        self.ema: BrushNetModel | None = None
+        self.brushnet = self.parts.build_branch(self).float().train()  # fp32 master weights
+        self.ema: nn.Module | None = None
         if ema_decay is not None:
             self.ema = copy.deepcopy(self.brushnet).requires_grad_(False).eval()
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(
-                f"unsupported scheduler prediction_type {self.prediction_type!r} in "
-                f"{pretrained_model_name_or_path}/scheduler (expected 'epsilon' or 'v_prediction')"
-            )
-        self.register_buffer(
-            "alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False
-        )
         self.weight_dtype = torch.float32
         self.strict_loading = False  # checkpoints hold only the branch (+ EMA); see on_load_checkpoint
 
@@ -152,35 +127,30 @@ class BrushNetTrainingModule(L.LightningModule):
 
     # ------------------------------------------------------------------ models
     def frozen_models(self) -> list[nn.Module]:
-        return [m for m in (self.vae, self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
+        return [m for m in (*self.encoders(), self.denoiser) if m is not None]
+
+    def encoders(self) -> list[nn.Module]:
+        """The frozen VAE and text encoder(s)."""
+        return [m for m in (getattr(self, n) for n in self.parts.encoders) if m is not None]
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The frozen UNet (SD / SDXL) or transformer (SD3 / Flux) the branch feeds."""
+        return getattr(self, self.parts.denoiser)
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.parts.name == "unet" and self.text_encoder_2 is not None
 
-    def inference_pipeline(self, use_ema: bool = True, scheduler: str = "unipc") -> BrushNetInpaintPipeline:
-        """A :class:`~brushnet.pipeline.BrushNetInpaintPipeline` sharing this module's models (no copies).
+    def inference_pipeline(self, use_ema: bool = True, scheduler: str | None = None) -> Any:
+        """The family's inpainting pipeline sharing this module's models (no copies).
 
         ``use_ema``: the EMA branch when the module keeps one, else the live branch. ``scheduler``: a
-        short name or diffusers class name, built from the base's scheduler config.
+        short name or diffusers class name, built from the base's scheduler config (None: ``unipc`` for
+        the UNet family; the DiT pipelines sample with the base's flow-matching Euler scheduler).
         """
-        from brushnet.pipeline import BrushNetInpaintPipeline, make_scheduler
-
-        if self.hparams.get("single_branch"):
-            raise ValueError(
-                "model.single_branch trains a 9-channel UNet, not a BrushNet branch: run its export with "
-                "brushnet.single_branch.inpaint_single_branch (validation grids do not apply)"
-            )
-        pipe = BrushNetInpaintPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            brushnet=self.ema if use_ema and self.ema is not None else self.brushnet,
-            scheduler=make_scheduler(scheduler, self.noise_scheduler.config),
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2,
-        )
+        branch = self.ema if use_ema and self.ema is not None else self.brushnet
+        pipe = self.parts.pipeline(self, branch, scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -192,7 +162,7 @@ class BrushNetTrainingModule(L.LightningModule):
             frozen.to(dtype=self.weight_dtype)
         if self.hparams.gradient_checkpointing:
             self.brushnet.enable_gradient_checkpointing()
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
 
     def configure_model(self) -> None:
         from train.fsdp import FSDP2Strategy
@@ -201,17 +171,16 @@ class BrushNetTrainingModule(L.LightningModule):
             self.trainer.strategy.shard(self)
 
     def train(self, mode: bool = True) -> BrushNetTrainingModule:
-        """The branch and the UNet follow ``mode``; VAE and text encoders stay in eval mode.
+        """The branch and the UNet / transformer follow ``mode``; VAE and text encoders stay in eval mode.
 
-        The frozen UNet is put in train mode so that every gradient-checkpointing check of diffusers
-        blocks (some versions test ``self.training``) fires; its dropouts are kept in eval mode, so the
-        UNet computes exactly what it computes in eval mode (SD UNets have dropout 0 anyway).
+        The frozen denoiser is put in train mode so that every gradient-checkpointing check of diffusers
+        blocks (some versions test ``self.training``) fires; its dropouts are kept in eval mode, so it
+        computes exactly what it computes in eval mode (SD UNets have dropout 0 anyway).
         """
         super().train(mode)
-        for m in (self.vae, self.text_encoder, self.text_encoder_2):
-            if m is not None:
-                m.eval()
-        for m in self.unet.modules():
+        for m in self.encoders():
+            m.eval()
+        for m in self.denoiser.modules():
             if isinstance(m, nn.Dropout):
                 m.eval()
         if self.ema is not None:
@@ -232,76 +201,9 @@ class BrushNetTrainingModule(L.LightningModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
     def compute_loss(self, batch: dict, generator: torch.Generator, use_branch: bool = True) -> torch.Tensor:
-        """The training loss of one batch (``use_branch=False``: the frozen UNet alone, for comparisons)."""
+        """The training loss of one batch (``use_branch=False``: the frozen base alone, for comparisons)."""
         batch = normalize_batch(batch)  # uint8 loader batches -> float model inputs, on the device
-        wd = self.weight_dtype
-        pixels = torch.cat([batch["pixel_values"], batch["conditioning_pixel_values"]]).to(wd)
-        with torch.no_grad():
-            latents_both = self.vae.encode(pixels).latent_dist.sample(generator)
-            latents_both = latents_both.float() * self.vae.config.scaling_factor
-        latents, masked_latents = latents_both.chunk(2)
-        # [masked latents, keep mask resized to latent size (nearest, official)]; pixel-space for `conv`
-        brushnet_cond = branch_condition(
-            self.brushnet, masked_latents, pixels.chunk(2)[1].float(), batch["masks"].float()
-        )
-
-        bsz = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        if self.hparams.noise_offset:
-            offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device)
-            noise = noise + self.hparams.noise_offset * offset
-        num_t = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_t, (bsz,), generator=generator, device=latents.device).long()
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-
-        h, w = batch["pixel_values"].shape[-2:]
-        time_ids = None
-        if self.is_sdxl:
-            time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (int(h), int(w)))
-        cond = text_conditioning(self.text_encoder, batch, self.text_encoder_2, time_ids=time_ids, dtype=wd)
-        if use_branch and self.hparams.single_branch:
-            pred = self.brushnet(
-                single_branch_input(noisy, masked_latents, batch["masks"]),
-                timesteps,
-                encoder_hidden_states=cond.encoder_hidden_states,
-                added_cond_kwargs=cond.added_cond_kwargs,
-                return_dict=False,
-            )[0]
-        elif use_branch:
-            pred = predict_with_branch(
-                self.unet,
-                self.brushnet,
-                noisy,
-                timesteps,
-                cond.encoder_hidden_states,
-                brushnet_cond,
-                cond.added_cond_kwargs,
-            )
-        else:
-            pred = self.unet(
-                noisy.to(wd),
-                timesteps,
-                encoder_hidden_states=cond.encoder_hidden_states,
-                added_cond_kwargs=cond.added_cond_kwargs,
-                return_dict=False,
-            )[0]
-        target = (
-            noise
-            if self.prediction_type == "epsilon"
-            else self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        )
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_sample * self.snr_weights(timesteps)).mean()
-
-    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """min-SNR-gamma weights (Hang et al. 2023; diffusers' train_text_to_image); ones when off."""
-        gamma = self.hparams.min_snr_gamma
-        if gamma is None:
-            return torch.ones(timesteps.shape, device=timesteps.device)
-        ac = self.alphas_cumprod.to(timesteps.device)[timesteps]
-        snr = ac / (1.0 - ac)
-        weights = torch.clamp(snr, max=gamma)
-        return weights / snr if self.prediction_type == "epsilon" else weights / (snr + 1.0)
+        return self.parts.loss(self, batch, generator, use_branch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.nonfinite.start_micro_batch()

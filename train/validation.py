@@ -224,7 +224,7 @@ class ValidationGrids(L.Callback):
             return
         if write:
             folder.mkdir(parents=True, exist_ok=True)
-        modes = {m: m.training for m in (pl_module.brushnet, pl_module.unet)}
+        modes = {m: m.training for m in (pl_module.brushnet, pl_module.denoiser)}
         for m in modes:
             m.eval()
         grids = []

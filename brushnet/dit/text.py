@@ -13,6 +13,8 @@ Shared by the DiT pipelines and training: :class:`DiTTokenizers` (data workers) 
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +72,30 @@ class DiTTokenizers:
             raise ValueError(f"unknown DiT family {family!r}; expected one of {sorted(TOKENIZERS)}")
         self.family = family
         self.tokenizers = {n: components.get(n) for n in TOKENIZERS[family] if components.get(n) is not None}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike) -> DiTTokenizers:
+        """The tokenizers of an SD3 / Flux base folder or hub id, without loading any model.
+
+        CLIP ones through :func:`brushnet.loading.load_tokenizer` (checked), T5 by its class in
+        ``model_index.json`` (diffusers' layout); an SD3 folder without ``tokenizer_3/`` gives no T5 ids.
+        """
+        import transformers
+
+        from brushnet.dit.loading import base_family
+        from brushnet.loading import load_tokenizer, resolve_pretrained
+
+        folder = resolve_pretrained(name_or_path)
+        family = base_family(folder)
+        t5 = TOKENIZERS[family][-1]
+        index = json.loads((folder / "model_index.json").read_text())
+        found = {}
+        for name in TOKENIZERS[family]:
+            if name != t5:
+                found[name] = load_tokenizer(folder, name)
+            elif (folder / name).is_dir() and index.get(name, [None, None])[1]:
+                found[name] = getattr(transformers, index[name][1]).from_pretrained(folder / name)
+        return cls(family, found)
 
     def __call__(self, text: str | Sequence[str]) -> dict[str, torch.Tensor]:
         texts = [text] if isinstance(text, str) else list(text)

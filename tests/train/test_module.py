@@ -169,7 +169,7 @@ def test_unet_train_mode_keeps_dropout_off_and_frozen_encoders_eval(sd15_module)
 
 def test_v_prediction_target(tiny_base_sd2, monkeypatch):
     m = BrushNetTrainingModule(str(tiny_base_sd2), optimizer="adamw")
-    assert m.prediction_type == "v_prediction"
+    assert m.parts.prediction_type == "v_prediction"
     batch = make_batch(m.tokenizer)
     velocities, targets = [], []
     get_velocity = m.noise_scheduler.get_velocity
@@ -177,7 +177,9 @@ def test_v_prediction_target(tiny_base_sd2, monkeypatch):
         m.noise_scheduler, "get_velocity", lambda *a: velocities.append(get_velocity(*a)) or velocities[-1]
     )
     mse = torch.nn.functional.mse_loss
-    monkeypatch.setattr("train.module.F.mse_loss", lambda p, t, **kw: targets.append(t) or mse(p, t, **kw))
+    monkeypatch.setattr(
+        "torch.nn.functional.mse_loss", lambda p, t, **kw: targets.append(t) or mse(p, t, **kw)
+    )
     losses = train_steps(m, batch, 15)
     assert losses[-1] < losses[0]
     assert len(velocities) == 15 and all(torch.equal(v, t) for v, t in zip(velocities, targets))
@@ -214,13 +216,14 @@ def test_sdxl_conditioning_and_step(tiny_base_sdxl):
 def test_min_snr_weights(sd15_module):
     m = fresh(sd15_module, min_snr_gamma=5.0)
     t = torch.tensor([1, 500, 999])
-    ac = m.alphas_cumprod[t]
+    ac = m.noise_scheduler.alphas_cumprod[t]
     snr = ac / (1 - ac)
     expected = torch.minimum(snr, torch.tensor(5.0)) / snr
-    torch.testing.assert_close(m.snr_weights(t), expected)
-    assert m.snr_weights(t)[0] < 1.0 and m.snr_weights(t)[2] == pytest.approx(1.0)  # high SNR down-weighted
+    torch.testing.assert_close(m.parts.snr_weights(m, t), expected)
+    weights = m.parts.snr_weights(m, t)
+    assert weights[0] < 1.0 and weights[2] == pytest.approx(1.0)  # high SNR down-weighted
     m._hparams["min_snr_gamma"] = None
-    assert torch.equal(m.snr_weights(t), torch.ones(3))
+    assert torch.equal(m.parts.snr_weights(m, t), torch.ones(3))
 
 
 def _fit(

@@ -5,6 +5,7 @@ Batch contract (consumed by ``train/module.py``)::
     pixel_values               uint8 Bx3xHxW, 0..255 (a channels-last view)
     masks                      uint8 Bx1xHxW, 1 = keep, 0 = inpaint
     input_ids                  int64 BxL (tokenizer); input_ids_2 int64 BxL (SDXL only, tokenizer_2)
+                               SD3 / Flux bases: brushnet.dit.text.DiTTokenizers ids (input_ids_3: SD3's T5)
     original_size              int64 Bx2 (h, w of the stored image); crop_top_left int64 Bx2 (in the resized image)
     keys                       list[str] sample keys
     num_bad                    int64 scalar: bad samples skipped to fill this batch (log it as a metric)
@@ -37,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from brushnet.brushdata import BrushDataError
+from brushnet.conditioning import load_caption_tokenizers
 from train.data.datasets import IndexedBrushDataset, StreamBrushDataset, collate_examples
 from train.data.sampler import ResumableDistributedSampler
 from train.data.shards import SampleTable, ensure_index, expand_sources, is_local
@@ -195,7 +197,7 @@ class BrushDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizers is None:
-            self.tokenizers = CaptionTokenizers.from_pretrained(self.tokenizer)
+            self.tokenizers = load_caption_tokenizers(self.tokenizer)  # UNet or DiT base
         if self.table is not None:
             return
         shards = self._shards()
