@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from brushnet.brushdata import write_index
+from tests.brushnet.evaluation_builders import fake_benchmark
 from tests.train.data_builders import write_shards
 from tests.train.test_configs import CONFIGS, parse
 from train.tools.ablations import METRICS, TRAINED
@@ -33,6 +34,7 @@ def test_study_trains_evaluates_writes_table_and_plots_and_resumes(tiny_base_sd1
         "--steps=2",
         "--cases=2",
         "--eval-steps=2",
+        f"--benchmark={fake_benchmark(tmp_path / 'bench', n=1)}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -42,14 +44,22 @@ def test_study_trains_evaluates_writes_table_and_plots_and_resumes(tiny_base_sd1
     variants = {r["variant"] for r in results["records"]}
     assert variants == {"blend_blur", "blend_paste", "no_blend", "base_alone", "half_injection"}
     for rec in results["records"]:
-        assert set(rec["scores"]) == set(METRICS)
+        bench = {"bench_psnr", "bench_mse"} if rec["variant"] in ("blend_blur", "half_injection") else set()
+        assert (
+            set(METRICS) | bench
+            <= set(rec["scores"])
+            <= set(METRICS) | {m for m in rec["scores"] if m.startswith("bench_")}
+        )
+        assert all(rec["scores"].get(m, 1) > 0 for m in bench)
         assert 0 < rec["scores"]["hole_mse"] < 1 and rec["scores"]["seam_grad_mse"] > 0
     paste = next(r for r in results["records"] if r["variant"] == "blend_paste")["scores"]
     no_blend = next(r for r in results["records"] if r["variant"] == "no_blend")["scores"]
     assert paste["preserved_mse"] == 0.0 and no_blend["preserved_mse"] > 0.0  # a hard paste keeps the input
     table = (out / "ablations.md").read_text()
     assert "| half_injection | 1 |" in table and "hole_psnr" in table
-    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(f"{m}.png" for m in METRICS)
+    plots = {p.name for p in (out / "plots").iterdir()}
+    bench_plots = {f"bench_{m}.png" for m in ("psnr", "mse", "psnr_official", "mse_official")}
+    assert plots == {f"{m}.png" for m in METRICS} | bench_plots
     assert (out / "half_injection" / "seed-0" / "result.json").is_file()
 
     # a rerun skips finished runs: no training subprocess, same records

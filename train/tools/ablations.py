@@ -16,11 +16,14 @@ newest checkpoint (``--ckpt_path auto``).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
+import shlex
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ import torch
 
 from brushnet.atomic import atomic_write_text
 from brushnet.evaluation.metrics import preserved_region_errors
+from brushnet.evaluation.report import SUMMARY_CSV
 from brushnet.testing.heldout import HeldOutCase, held_out_cases
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +54,25 @@ PSNR_CAP = 60.0  # dB: an exactly preserved region (hard paste) has infinite PSN
 log = logging.getLogger("train.tools.ablations")
 
 
-def train_variant(variant: str, seed: int, run: Path, base: str, data_args: list[str], steps: int) -> Path:
+@dataclass
+class Study:
+    """Everything that decides a study's runs (see ``main``'s options)."""
+
+    out: Path
+    base: str
+    data_args: list[str]
+    variants: list[str] = field(default_factory=lambda: list(TRAINED))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 300
+    cases: int = 16
+    eval_steps: int = 10
+    config: Path = BASE_CONFIG
+    train_args: list[str] = field(default_factory=list)
+    benchmark: Path | None = None
+    benchmark_limit: int | None = None
+
+
+def train_variant(study: Study, variant: str, seed: int, run: Path) -> Path:
     """Train one variant and seed with ``brushnet-train fit``; the export folder of its last step."""
     cmd = [
         sys.executable,
@@ -58,14 +80,15 @@ def train_variant(variant: str, seed: int, run: Path, base: str, data_args: list
         "train",
         "fit",
         "--config",
-        str(BASE_CONFIG),
+        str(study.config),
         "--config",
         str(CONFIGS / f"{variant}.yaml"),
         f"--seed_everything={seed}",  # also seeds the model's and the data's randomness (linked)
-        f"--model.pretrained_model_name_or_path={base}",
+        f"--model.pretrained_model_name_or_path={study.base}",
         f"--trainer.default_root_dir={run}",
-        f"--trainer.max_steps={steps}",
-        *data_args,
+        f"--trainer.max_steps={study.steps}",
+        *study.data_args,
+        *study.train_args,
         "--ckpt_path=auto",
     ]
     log.info("training %s seed %d: %s", variant, seed, " ".join(cmd))
@@ -75,9 +98,11 @@ def train_variant(variant: str, seed: int, run: Path, base: str, data_args: list
         raise RuntimeError(
             f"training {variant} seed {seed} failed (exit {done.returncode}): see {run / 'train.log'}"
         )
-    export = final_export(run, steps)
+    export = final_export(run, study.steps)
     if export is None:
-        raise RuntimeError(f"training {variant} seed {seed} wrote no export of step {steps} under {run}")
+        raise RuntimeError(
+            f"training {variant} seed {seed} wrote no export of step {study.steps} under {run}"
+        )
     return export
 
 
@@ -181,6 +206,23 @@ def evaluate_variant(variant: str, base: str, export: Path, cases: list[HeldOutC
         return scores
 
 
+def benchmark_scores(study: Study, export: Path, run: Path) -> dict[str, float]:
+    """``brushnet evaluate`` on ``study.benchmark`` (BrushBench / EditBench layout) with blending; its summary
+    means as ``bench_<metric>`` (only the metrics whose weights are available)."""
+    script = Path(sys.executable).with_name("brushnet")  # the installed console script
+    cmd = [str(script), "evaluate", "--benchmark", str(study.benchmark)]
+    cmd += ["--out", str(run / "benchmark"), "--base", study.base, "--brushnet", str(export), "--blended"]
+    cmd += [f"--steps={study.eval_steps}"]
+    cmd += [f"--limit={study.benchmark_limit}"] if study.benchmark_limit else []
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"brushnet evaluate failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
+        )
+    with open(run / "benchmark" / SUMMARY_CSV, newline="", encoding="utf-8") as f:
+        return {f"bench_{r['metric']}": float(r["mean"]) for r in csv.DictReader(f) if r["status"] == "ok"}
+
+
 def summarise(records: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
     """``{variant: {metric: (mean, std, n)}}`` over seeds."""
     by_variant: dict[str, dict[str, list[float]]] = {}
@@ -196,17 +238,25 @@ def summarise(records: list[dict]) -> dict[str, dict[str, tuple[float, float, in
     }
 
 
+def metric_names(summary: dict) -> list[str]:
+    """The held-out metrics, then any ``bench_*`` metrics some variant has."""
+    extra = sorted({m for metrics in summary.values() for m in metrics} - set(METRICS))
+    return METRICS + extra
+
+
 def markdown_table(summary: dict, budget: str) -> str:
+    names = metric_names(summary)
     lines = [
         f"Budget: {budget}. Mean ± std over seeds; hole = inside the mask vs the ground truth, preserved = "
-        f"outside the mask vs the input (PSNR capped at {PSNR_CAP:g} dB).",
+        f"outside the mask vs the input (PSNR capped at {PSNR_CAP:g} dB), seam = gradient error within "
+        f"{SEAM_WIDTH} px of the hole's edge.",
         "",
-        "| variant | seeds | " + " | ".join(METRICS) + " |",
-        "|---|---|" + "---|" * len(METRICS),
+        "| variant | seeds | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
     for variant, metrics in summary.items():
         n = next(iter(metrics.values()))[2]
-        cells = [f"{metrics[m][0]:.4g} ± {metrics[m][1]:.2g}" for m in METRICS]
+        cells = [f"{metrics[m][0]:.4g} ± {metrics[m][1]:.2g}" if m in metrics else "-" for m in names]
         lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -219,15 +269,17 @@ def bar_plots(summary: dict, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    names = list(summary)
-    for metric in METRICS:
+    for metric in metric_names(summary):
+        names = [v for v in summary if metric in summary[v]]
         means = [summary[v][metric][0] for v in names]
         stds = [summary[v][metric][1] for v in names]
         fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
         ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c78a8")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
-        ax.set_title(f"{metric} ({better} is better)")
+        better = {True: " (higher is better)", False: " (lower is better)"}.get(
+            HIGHER_IS_BETTER.get(metric), ""
+        )
+        ax.set_title(metric + better)
         fig.tight_layout()
         path = folder / f"{metric}.png"
         fig.savefig(path)
@@ -236,22 +288,13 @@ def bar_plots(summary: dict, folder: Path) -> list[Path]:
     return paths
 
 
-def run_study(
-    out: Path,
-    base: str,
-    data_args: list[str],
-    variants: list[str],
-    seeds: list[int],
-    steps: int,
-    cases: int,
-    eval_steps: int,
-) -> dict:
+def run_study(study: Study) -> dict:
     """Train and evaluate every (variant, seed) not done yet; write the results, table and plots."""
-    held_out = held_out_cases(n=cases)
+    held_out = held_out_cases(n=study.cases)
     records = []
-    for variant in variants:
-        for seed in seeds:
-            run = out / variant / f"seed-{seed}"
+    for variant in study.variants:
+        for seed in study.seeds:
+            run = study.out / variant / f"seed-{seed}"
             done = run / "result.json"
             if done.is_file():
                 recs = json.loads(done.read_text())
@@ -260,8 +303,12 @@ def run_study(
                     continue
             run.mkdir(parents=True, exist_ok=True)
             # trained before (a rerun after a metric was added evaluates again) or trained now
-            export = final_export(run, steps) or train_variant(variant, seed, run, base, data_args, steps)
-            scores = evaluate_variant(variant, base, export, held_out, eval_steps)
+            export = final_export(run, study.steps) or train_variant(study, variant, seed, run)
+            scores = evaluate_variant(variant, study.base, export, held_out, study.eval_steps)
+            if study.benchmark is not None and variant != "single_branch":  # needs a BrushNet branch
+                scores[variant if variant != "brushnet" else "blend_blur"].update(
+                    benchmark_scores(study, export, run)
+                )
             recs = [
                 {"variant": v, "seed": seed, "trained_as": variant, "scores": s} for v, s in scores.items()
             ]
@@ -269,7 +316,11 @@ def run_study(
             records += recs
             log.info("%s seed %d: %s", variant, seed, scores)
     summary = summarise(records)
-    budget = f"{steps} steps x batch 4 at 64 px per run, {len(held_out)} held-out cases, {eval_steps} sampling steps"
+    budget = (
+        f"{study.steps} steps per run ({study.config.name}), {len(held_out)} held-out cases, "
+        f"{study.eval_steps} sampling steps"
+    )
+    out = study.out
     atomic_write_text(out / "results.json", json.dumps({"budget": budget, "records": records}, indent=2))
     atomic_write_text(out / "ablations.md", markdown_table(summary, budget))
     bar_plots(summary, out / "plots")
@@ -290,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps per run")
     parser.add_argument("--cases", type=int, default=16, help="held-out evaluation cases")
     parser.add_argument("--eval-steps", type=int, default=10, help="sampling steps per inpainting")
+    parser.add_argument("--config", type=Path, default=BASE_CONFIG, help="base training config")
+    parser.add_argument("--train-args", default="", help="more brushnet-train fit arguments (word-split)")
+    parser.add_argument("--benchmark", type=Path, default=None, help="also run brushnet evaluate on it")
+    parser.add_argument("--benchmark-limit", type=int, default=None, help="its first N entries only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     unknown = sorted(set(args.variants.split(",")) - set(TRAINED))
@@ -309,17 +364,22 @@ def main(argv: list[str] | None = None) -> int:
 
         data_args = build_data(out / "data")
     if "--data.index" in data_args:
-        data_args.append("--data.train_shards=null")  # the base config names the demo's shard folder
-    summary = run_study(
-        out,
-        args.base,
-        data_args,
-        args.variants.split(","),
-        [int(s) for s in args.seeds.split(",")],
-        args.steps,
-        args.cases,
-        args.eval_steps,
+        data_args.append("--data.train_shards=null")  # the base config may name a shard folder
+    study = Study(
+        out=out,
+        base=args.base,
+        data_args=data_args,
+        variants=args.variants.split(","),
+        seeds=[int(s) for s in args.seeds.split(",")],
+        steps=args.steps,
+        cases=args.cases,
+        eval_steps=args.eval_steps,
+        config=args.config.resolve(),
+        train_args=shlex.split(args.train_args),
+        benchmark=args.benchmark.resolve() if args.benchmark else None,
+        benchmark_limit=args.benchmark_limit,
     )
+    summary = run_study(study)
     print((out / "ablations.md").read_text())
     print(f"results: {out / 'results.json'}; plots: {out / 'plots'}; variants: {list(summary)}")
     return 0
