@@ -15,11 +15,13 @@ from brushnet.loading import load_base_components
 from tests.brushnet.branches import save_branch
 from tests.brushnet.evaluation_builders import fake_benchmark
 from train.eval_callback import BenchmarkEvalCallback
+from train.family_unet import UNetParts
 from train.module import BrushNetTrainingModule
 
 
 class TinyModule(L.LightningModule):
     inference_pipeline = BrushNetTrainingModule.inference_pipeline  # the trainer's, on a lighter module
+    parts = UNetParts  # what that method delegates to (its pipeline() is a static method)
 
     def __init__(self, base, branch_path):
         super().__init__()
