@@ -5,8 +5,8 @@ in the config), ``--seed_everything`` is the run's one seed (``model.seed`` and 
 every logger writes under ``trainer.default_root_dir``, and the resolved config is saved as ``config.yaml``
 in every run's log folder. The optimizer is chosen with ``--model.optimizer`` only (LightningCLI's own
 ``--optimizer``/``--lr_scheduler`` groups are off), and ``fit`` is the only subcommand.
-``--ckpt_path auto`` (what ``slurm/train.sh`` passes) resumes from the newer of the requeue checkpoint
-(``<default_root_dir>/hpc_ckpt_<n>.ckpt``) and ``<default_root_dir>/checkpoints/last.ckpt``, else starts fresh.
+``--ckpt_path auto`` (what ``slurm/train.sh`` passes) and ``--ckpt_path last`` resume from the valid checkpoint
+with the highest recorded step (:func:`train.checkpointing.resolve_auto_ckpt`), else start fresh.
 :class:`train.requeue.SlurmRequeue` is always installed (options under ``requeue:``).
 """
 
