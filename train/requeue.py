@@ -104,12 +104,16 @@ class SlurmRequeue(L.Callback):
         why = self.signum.name if requeue else "SIGTERM"
         log.info("%s received: saving step %d to %s", why, trainer.global_step, path)
         save_checkpoint_atomically(trainer, str(path))
+        # The run is not finished: only a requeued job exits 0 (its next start continues the run); a stop
+        # without a requeue exits 128 + the signal number, the shell's convention for a signalled process.
+        status = 0 if requeue and self.requeue else 128 + (self.signum if requeue else signal.SIGTERM)
         if not trainer.is_global_zero:
-            raise SystemExit(0)
+            raise SystemExit(status)
         for old in older:
             remove_checkpoint_files(old)
-        if not (requeue and self.requeue):
-            raise SystemExit(0)
+        if status:
+            log.info("stopped after saving %s (exit %d): resume with --ckpt_path auto", path, status)
+            raise SystemExit(status)
         job = slurm_job_id()
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if done.returncode != 0:

@@ -45,7 +45,9 @@ def with_recorder(cfg: Path, folder: Path, pause_at_step: int | None = None, **m
     return out
 
 
-def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> None:
+def run_cli(
+    args: list[str], timeout: float = 240, env: dict[str, str] | None = None, status: int = 0
+) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "train", *args],
         cwd=ROOT,
@@ -54,7 +56,7 @@ def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = 
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == status, done.stderr[-3000:]
 
 
 def weights(folder: Path, rank: int) -> dict[int, float]:
@@ -162,7 +164,8 @@ def test_slurm_signal_mid_step_saves_at_the_step_end_and_resumes_bit_identical(
         more = (f"--trainer.max_steps={2 * N}", "--ckpt_path=auto")
         return cli_args(tiny_base_sd15, runs.data, run, recorder, *more)
 
-    run_cli(command(with_recorder(runs.config, rec, signal_at_step=N, signal=sig)), env=slurm)
+    stopped = 0 if requeues else 128 + signal.SIGTERM  # a stop without a requeue is not a success
+    run_cli(command(with_recorder(runs.config, rec, signal_at_step=N, signal=sig)), env=slurm, status=stopped)
     requeued = ["requeue", "4242"] if requeues else []
     assert (calls.read_text().split() if calls.exists() else []) == requeued
     hpc = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
