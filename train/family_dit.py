@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from brushnet.dit.family import family_of, load_dit_base
+from brushnet.dit.family import family_of, load_dit_base, pipeline_class
 from brushnet.dit.loading import check_branch_matches_transformer, load_dit_branch
 from brushnet.dit.training import FlowMatchingObjective, batch_loss
 from train.data.transforms import normalize_batch
@@ -34,13 +34,6 @@ UNET_ONLY = {
 }
 # Scheduler names the DiT pipelines accept: they sample with the base's flow-matching Euler scheduler.
 FLOW_MATCH_SCHEDULERS = (None, "flow_match_euler", "FlowMatchEulerDiscreteScheduler")
-
-
-def pipeline_class(family_name: str) -> type:
-    from brushnet.dit.pipeline_flux import BrushNetFluxInpaintPipeline
-    from brushnet.dit.pipeline_sd3 import BrushNetSD3InpaintPipeline
-
-    return {"sd3": BrushNetSD3InpaintPipeline, "flux": BrushNetFluxInpaintPipeline}[family_name]
 
 
 class DiTParts:

@@ -233,6 +233,17 @@ def family_of(base: str | os.PathLike | Any) -> type[SD3Family] | type[FluxFamil
     return FAMILIES[name]
 
 
+def pipeline_class(family: str) -> type:
+    """The BrushNet inpainting pipeline of the DiT family ``"sd3"`` or ``"flux"``."""
+    from brushnet.dit.pipeline_flux import BrushNetFluxInpaintPipeline
+    from brushnet.dit.pipeline_sd3 import BrushNetSD3InpaintPipeline
+
+    classes = {"sd3": BrushNetSD3InpaintPipeline, "flux": BrushNetFluxInpaintPipeline}
+    if family not in classes:
+        raise ValueError(f"unknown DiT family {family!r}; expected one of {sorted(classes)}")
+    return classes[family]
+
+
 def load_dit_base(
     name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None, with_t5: bool = True
 ) -> dict[str, Any]:

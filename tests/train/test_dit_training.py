@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from brushnet.conditioning import CaptionTokenizers, load_caption_tokenizers
+from brushnet.dit.family import pipeline_class
 from brushnet.dit.loading import load_dit_branch
 from brushnet.dit.text import DiTTokenizers
 from tests.train.cli_runs import tiny_data
 from tests.train.dit_runs import CONFIGS, FAMILIES, brushnet_train, dit_base, losses, window_means
-from train.family_dit import pipeline_class
 from train.module import BrushNetTrainingModule
 
 STEPS = 150
