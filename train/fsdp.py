@@ -7,7 +7,8 @@ code over gloo on CPU and over NCCL on GPUs, and checkpoints as a sharded (DCP) 
 The plan (:func:`apply_fsdp2`):
 
 * Every ``BrushNetModel`` (the trainable branch, and an EMA copy if the module holds one) and every
-  ``UNet2DConditionModel`` (the frozen base) is sharded **separately**: trainable and frozen parameters
+  ``UNet2DConditionModel`` (the frozen base), or for DiT bases every ``BrushNetSD3Model`` /
+  ``BrushNetFluxModel`` and ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``, is sharded **separately**: trainable and frozen parameters
   never share an FSDP unit (a unit with mixed ``requires_grad`` keeps full-size gradient buffers).
 * Inside each, one unit per block that is *called through its own* ``forward``: ``ResnetBlock2D``,
   ``BasicTransformerBlock``, ``Downsample2D``, ``Upsample2D``. FSDP2 gathers a unit's parameters in its
@@ -15,7 +16,8 @@ The plan (:func:`apply_fsdp2`):
   the resnets and samplers of its ``DownBlock2D``/``UpBlock2D`` directly, never the blocks themselves,
   so sharding at the diffusers-block level would leave the branch's parameters un-gathered.
   Whatever is left (conv_in, time embedding, the zero convs, transformer proj/norm) joins the model's root
-  unit.
+  unit. DiT models: one unit per transformer block of the base and the branch (the families'
+  ``block_class_names``, :mod:`brushnet.dit.family`; the injection hooks the stock blocks' ``forward``).
 * The VAE and text encoder(s) stay replicated: they run under ``no_grad`` through ``vae.encode`` /
   ``encode_prompt``-style calls (``encode`` is not ``forward``, so FSDP2 hooks would never gather the VAE),
   and they are small next to the UNet (SD1.5 bf16: VAE 0.17 GB, CLIP-L 0.25 GB, UNet 1.72 GB).
@@ -41,23 +43,35 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from brushnet.atomic import atomic_folder
+from brushnet.dit.family import FluxFamily, SD3Family
+from brushnet.dit.flux_model import BrushNetFluxModel
+from brushnet.dit.sd3_model import BrushNetSD3Model
 from brushnet.model import BrushNetModel
 
 # Diffusers modules that are always invoked through their own forward() (so FSDP2 hooks fire).
-_BLOCK_CLASS_NAMES = ("ResnetBlock2D", "BasicTransformerBlock", "Downsample2D", "Upsample2D")
+_BLOCK_CLASS_NAMES = (
+    "ResnetBlock2D",
+    "BasicTransformerBlock",
+    "Downsample2D",
+    "Upsample2D",
+    *SD3Family.block_class_names,
+    *FluxFamily.block_class_names,
+)
+# The trainable branch (and its EMA copy) of each family.
+BRANCH_CLASSES: tuple[type[nn.Module], ...] = (BrushNetModel, BrushNetSD3Model, BrushNetFluxModel)
 
 
-def _unet_class() -> type[nn.Module]:
-    from diffusers import UNet2DConditionModel
+def _base_classes() -> tuple[type[nn.Module], ...]:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
-    return UNet2DConditionModel
+    return (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel)
 
 
 def sharded_roots(module: nn.Module) -> list[nn.Module]:
-    """The submodules :func:`apply_fsdp2` shards: every ``BrushNetModel`` and ``UNet2DConditionModel``."""
-    unet_cls = _unet_class()
-    roots = [m for m in module.modules() if isinstance(m, (BrushNetModel, unet_cls))]
-    if not any(isinstance(m, BrushNetModel) for m in roots):
+    """The submodules :func:`apply_fsdp2` shards: every branch (:data:`BRANCH_CLASSES`) and base UNet /
+    transformer."""
+    roots = [m for m in module.modules() if isinstance(m, BRANCH_CLASSES + _base_classes())]
+    if not any(isinstance(m, BRANCH_CLASSES) for m in roots):
         raise ValueError(f"apply_fsdp2: {type(module).__name__} holds no BrushNetModel to shard")
     return roots
 
@@ -141,7 +155,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_branch(branch: BrushNetModel, folder: str | os.PathLike, *, rank: int) -> Path | None:
+def export_branch(branch: nn.Module, folder: str | os.PathLike, *, rank: int) -> Path | None:
     """Write a sharded branch as an official-format diffusers folder from rank 0 (atomic: temp + rename).
 
     Collective (gathers the shards); returns the folder on rank 0 and ``None`` elsewhere.
@@ -151,7 +165,7 @@ def export_branch(branch: BrushNetModel, folder: str | os.PathLike, *, rank: int
         return None
     folder = Path(folder)
     with torch.device("meta"):
-        plain = BrushNetModel.from_config(branch.config)
+        plain = next(c for c in BRANCH_CLASSES if isinstance(branch, c)).from_config(branch.config)
     plain.load_state_dict(state, assign=True)
     with atomic_folder(folder) as tmp:
         plain.save_pretrained(tmp)
@@ -247,7 +261,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def _frozen_base_keys(self) -> set[str]:
         in_branch = {
-            id(p) for m in self.model.modules() if isinstance(m, BrushNetModel) for p in m.parameters()
+            id(p) for m in self.model.modules() if isinstance(m, BRANCH_CLASSES) for p in m.parameters()
         }
         return {n for n, p in self.model.named_parameters() if not p.requires_grad and id(p) not in in_branch}
 
