@@ -27,7 +27,16 @@ if TYPE_CHECKING:
     from brushnet.pipeline import BrushNetInpaintPipeline
 
 # Options of the other families, at the values that mean "not used" (a set one is refused).
-DIT_ONLY = {"branch_num_layers": None, "branch_text": False, "with_t5": True}
+DIT_ONLY = {
+    "branch_num_layers": None,
+    "branch_text": False,
+    "with_t5": True,
+    "weighting_scheme": "logit_normal",
+    "logit_mean": 0.0,
+    "logit_std": 1.0,
+    "mode_scale": 1.29,
+    "flux_guidance": 3.5,
+}
 
 
 class UNetParts:

@@ -86,6 +86,11 @@ def test_unet_options_on_a_dit_base_are_one_clear_error(tmp_path, family_base):
     assert "Traceback" not in done.stderr
 
 
+def test_dit_options_on_a_unet_base_are_refused(tiny_base_sd15):
+    with pytest.raises(ValueError, match=r"is a unet base: model options \{'weighting_scheme': 'mode'\}"):
+        BrushNetTrainingModule(str(tiny_base_sd15), weighting_scheme="mode")
+
+
 def test_fit_learns_exports_and_inpaints(family_base, tmp_path):
     """The tiny config, as a user runs it: exit 0, the loss of the last 30 steps well below the first 30's,
     an export that loads as the family's branch (equal to the checkpoint) and inpaints with its pipeline."""
