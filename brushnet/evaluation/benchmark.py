@@ -10,6 +10,7 @@ as the official script does; an image whose two files exist is skipped, so an in
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -199,6 +200,10 @@ def inpaint_item(pipe: Any, item: BenchmarkItem, source: np.ndarray, settings: G
     import torch
 
     generator = torch.Generator("cpu").manual_seed(settings.seed)
+    # the SD3 / Flux pipelines always encode the masked image once (settings: "once"), with no such argument
+    params = inspect.signature(pipe).parameters.values()
+    takes = any(p.name == "masked_image_encoding" or p.kind is p.VAR_KEYWORD for p in params)
+    encoding = {"masked_image_encoding": settings.masked_image_encoding} if takes else {}
     return pipe(
         item.caption,
         source,
@@ -209,6 +214,6 @@ def inpaint_item(pipe: Any, item: BenchmarkItem, source: np.ndarray, settings: G
         generator=generator,
         blend=settings.blended,
         blur_size=settings.blur_size,
-        masked_image_encoding=settings.masked_image_encoding,
+        **encoding,
         output_type="pil",
     ).images[0]

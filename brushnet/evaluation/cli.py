@@ -49,17 +49,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--conditioning-scale", type=float, default=1.0, help="brushnet_conditioning_scale")
     p.add_argument(
         "--scheduler",
-        default="unipc",
-        help="scheduler short name or class (default unipc: ends at the smallest sigma like the official run)",
+        default=None,
+        help="scheduler short name or class (default unipc: ends at the smallest sigma like the official run; "
+        "SD3 / Flux bases: their flow-matching Euler scheduler only)",
     )
     p.add_argument(
         "--masked-image-encoding",
         choices=["official", "once"],
-        default="official",
-        help="official: one VAE sample of the masked image per CFG half (official pipeline); once: one shared",
+        default=None,
+        help="official (default): one VAE sample of the masked image per CFG half (official pipeline); once: "
+        "one shared (SD3 / Flux bases: once only)",
     )
-    p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default 50; SD3 / Flux: 28)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default 7.5; SD3: 7.0; Flux dev: its guidance embedding, 3.5)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"per-image seed (default {DEFAULT_SEED})")
     p.add_argument("--limit", type=int, default=None, help="only the first N entries")
     p.add_argument(
@@ -73,6 +80,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default fp16 on cuda, fp32 on cpu")
     return p
+
+
+# Generation defaults per base family: the official BrushBench run (UNet) and the DiT pipelines' own.
+_DEFAULTS = {
+    "unet": {"scheduler": "unipc", "masked_image_encoding": "official", "steps": 50, "guidance": 7.5},
+    "sd3": {"scheduler": "flow_match_euler", "masked_image_encoding": "once", "steps": 28, "guidance": 7.0},
+    "flux": {"scheduler": "flow_match_euler", "masked_image_encoding": "once", "steps": 28, "guidance": 3.5},
+}
+
+
+def _family_defaults(args: argparse.Namespace) -> tuple[str, dict]:
+    """The base's family and its generation defaults; a UNet-only choice on a DiT base is one clear error."""
+    from brushnet.dit.loading import base_family
+
+    family = base_family(args.base)
+    defaults = _DEFAULTS[family]
+    if family != "unet":
+        wrong = [
+            f"--{k.replace('_', '-')} {vars(args)[k]}"
+            for k in ("scheduler", "masked_image_encoding")
+            if vars(args)[k] not in (None, defaults[k])
+        ]
+        if wrong:
+            raise ValueError(
+                f"--base {args.base} is a {family} base: {', '.join(wrong)} apply to UNet bases only"
+            )
+    return family, defaults
 
 
 def _metrics_help() -> str:
@@ -110,8 +144,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Path]:
     if not args.no_generate:
         if not args.base or not args.brushnet:
             raise ValueError("--base and --brushnet are required to generate (or pass --no-generate)")
-        if args.steps < 1:
+        family, defaults = _family_defaults(args)
+        if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        for key, value in defaults.items():  # options left unset: the family's defaults
+            if getattr(args, key) is None:
+                setattr(args, key, value)
         from brushnet.pipeline import BrushNetInpaintPipeline
 
         settings = GenerationSettings(
@@ -126,10 +164,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Path]:
             seed=args.seed,
             masked_image_encoding=args.masked_image_encoding,
         )
-        dtype = getattr(torch, _DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
-        pipe = BrushNetInpaintPipeline.from_base(
-            args.base, args.brushnet, scheduler=args.scheduler, torch_dtype=dtype
-        ).to(device)
+        cuda_dtype = "fp16" if family == "unet" else "bf16"  # SD3 / Flux activations overflow fp16
+        dtype = getattr(torch, _DTYPES[args.dtype or (cuda_dtype if device.startswith("cuda") else "fp32")])
+        if family == "unet":
+            pipe = BrushNetInpaintPipeline.from_base(
+                args.base, args.brushnet, scheduler=args.scheduler, torch_dtype=dtype
+            ).to(device)
+        else:
+            from brushnet.dit.family import pipeline_class
+
+            pipe = pipeline_class(family).from_base(args.base, args.brushnet, torch_dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
         stats = generate(pipe, items, args.benchmark, args.out, settings, progress=log)
         log(f"generated {stats.generated}, skipped {stats.skipped} already generated")
