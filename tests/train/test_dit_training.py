@@ -86,6 +86,29 @@ def test_unet_options_on_a_dit_base_are_one_clear_error(tmp_path, family_base):
     assert "Traceback" not in done.stderr
 
 
+def test_gradient_checkpointing_of_transformer_and_branch_gives_the_same_gradients(family_base):
+    family, base = family_base
+    tokens = load_caption_tokenizers(base)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "pixel_values": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=g),
+        "masks": (torch.rand(2, 1, 32, 32, generator=g) > 0.5).to(torch.uint8),
+        **tokens(["a red cup", "a cat"]),
+    }
+    grads = []
+    for checkpointing in (False, True):
+        m = BrushNetTrainingModule(str(base), optimizer="adamw", gradient_checkpointing=checkpointing)
+        with torch.no_grad():  # a non-zero branch, the same in both runs
+            for p in m.brushnet.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        m.setup("fit")
+        m.train()
+        assert m.transformer.gradient_checkpointing == m.brushnet.gradient_checkpointing == checkpointing
+        m.compute_loss(batch, torch.Generator().manual_seed(0)).backward()
+        grads.append([p.grad for p in m.brushnet.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 def test_dit_options_on_a_unet_base_are_refused(tiny_base_sd15):
     with pytest.raises(ValueError, match=r"is a unet base: model options \{'weighting_scheme': 'mode'\}"):
         BrushNetTrainingModule(str(tiny_base_sd15), weighting_scheme="mode")
