@@ -35,6 +35,7 @@ def test_study_trains_evaluates_writes_table_and_plots_and_resumes(tiny_base_sd1
         "--cases=2",
         "--eval-steps=2",
         f"--benchmark={fake_benchmark(tmp_path / 'bench', n=1)}",
+        "--benchmark-steps=2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -42,9 +43,9 @@ def test_study_trains_evaluates_writes_table_and_plots_and_resumes(tiny_base_sd1
     assert index  # the data the runs trained on
     results = json.loads((out / "results.json").read_text())
     variants = {r["variant"] for r in results["records"]}
-    assert variants == {"blend_blur", "blend_paste", "no_blend", "base_alone", "half_injection"}
+    assert variants == {"brushnet", "brushnet_paste", "brushnet_no_blend", "base_alone", "half_injection"}
     for rec in results["records"]:
-        bench = {"bench_psnr", "bench_mse"} if rec["variant"] in ("blend_blur", "half_injection") else set()
+        bench = {"bench_psnr", "bench_mse"} if rec["variant"] in ("brushnet", "half_injection") else set()
         assert (
             set(METRICS) | bench
             <= set(rec["scores"])
@@ -52,8 +53,8 @@ def test_study_trains_evaluates_writes_table_and_plots_and_resumes(tiny_base_sd1
         )
         assert all(rec["scores"].get(m, 1) > 0 for m in bench)
         assert 0 < rec["scores"]["hole_mse"] < 1 and rec["scores"]["seam_grad_mse"] > 0
-    paste = next(r for r in results["records"] if r["variant"] == "blend_paste")["scores"]
-    no_blend = next(r for r in results["records"] if r["variant"] == "no_blend")["scores"]
+    paste = next(r for r in results["records"] if r["variant"] == "brushnet_paste")["scores"]
+    no_blend = next(r for r in results["records"] if r["variant"] == "brushnet_no_blend")["scores"]
     assert paste["preserved_mse"] == 0.0 and no_blend["preserved_mse"] > 0.0  # a hard paste keeps the input
     table = (out / "ablations.md").read_text()
     assert "| half_injection | 1 |" in table and "hole_psnr" in table

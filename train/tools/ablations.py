@@ -45,8 +45,13 @@ TRAINED = [
     "cross_attention",
     "single_branch",
 ]
-BLENDING = {"blend_blur": {"blend": True, "blur_size": 21}, "blend_paste": {"blend": True, "blur_size": 0}}
-BLENDING["no_blend"] = {"blend": False, "blur_size": 21}
+# The blending ablation re-runs the `brushnet` variant's branches: blurred blending (the default), a hard
+# paste and no blending.
+BLENDING = {
+    "brushnet": {"blend": True, "blur_size": 21},
+    "brushnet_paste": {"blend": True, "blur_size": 0},
+    "brushnet_no_blend": {"blend": False, "blur_size": 21},
+}
 METRICS = ["hole_psnr", "hole_mse", "preserved_psnr", "preserved_mse", "seam_grad_mse"]
 HIGHER_IS_BETTER = {m: m.endswith("psnr") for m in METRICS}
 SEAM_WIDTH = 2  # px on each side of the hole's edge
@@ -70,6 +75,7 @@ class Study:
     train_args: list[str] = field(default_factory=list)
     benchmark: Path | None = None
     benchmark_limit: int | None = None
+    benchmark_steps: int = 50
 
 
 def train_variant(study: Study, variant: str, seed: int, run: Path) -> Path:
@@ -194,7 +200,7 @@ def evaluate_variant(variant: str, base: str, export: Path, cases: list[HeldOutC
     """Scores of one trained run. The ``brushnet`` variant also scores every blending mode and, as the
     reference, the base alone (conditioning scale 0: the frozen base with the same blending)."""
     pipe = _pipeline(variant, base, export)
-    blur = BLENDING["blend_blur"]
+    blur = BLENDING["brushnet"]
     with torch.no_grad():
         if variant != "brushnet":
             return {variant: _scores(inpaint(variant, pipe, cases, steps, **blur), cases)}
@@ -212,7 +218,7 @@ def benchmark_scores(study: Study, export: Path, run: Path) -> dict[str, float]:
     script = Path(sys.executable).with_name("brushnet")  # the installed console script
     cmd = [str(script), "evaluate", "--benchmark", str(study.benchmark)]
     cmd += ["--out", str(run / "benchmark"), "--base", study.base, "--brushnet", str(export), "--blended"]
-    cmd += [f"--steps={study.eval_steps}"]
+    cmd += [f"--steps={study.benchmark_steps}"]
     cmd += [f"--limit={study.benchmark_limit}"] if study.benchmark_limit else []
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
@@ -274,7 +280,11 @@ def bar_plots(summary: dict, folder: Path) -> list[Path]:
         means = [summary[v][metric][0] for v in names]
         stds = [summary[v][metric][1] for v in names]
         fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
-        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c78a8")
+        bars = ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c78a8")
+        ax.bar_label(bars, labels=[f"{m:.4g}" for m in means], fontsize=8, padding=2)
+        low, high = min(m - s for m, s in zip(means, stds)), max(m + s for m, s in zip(means, stds))
+        pad = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
+        ax.set_ylim(low - pad, high + 2 * pad)  # the differences, not the distance from zero
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         better = {True: " (higher is better)", False: " (lower is better)"}.get(
             HIGHER_IS_BETTER.get(metric), ""
@@ -306,9 +316,7 @@ def run_study(study: Study) -> dict:
             export = final_export(run, study.steps) or train_variant(study, variant, seed, run)
             scores = evaluate_variant(variant, study.base, export, held_out, study.eval_steps)
             if study.benchmark is not None and variant != "single_branch":  # needs a BrushNet branch
-                scores[variant if variant != "brushnet" else "blend_blur"].update(
-                    benchmark_scores(study, export, run)
-                )
+                scores[variant].update(benchmark_scores(study, export, run))
             recs = [
                 {"variant": v, "seed": seed, "trained_as": variant, "scores": s} for v, s in scores.items()
             ]
@@ -345,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-args", default="", help="more brushnet-train fit arguments (word-split)")
     parser.add_argument("--benchmark", type=Path, default=None, help="also run brushnet evaluate on it")
     parser.add_argument("--benchmark-limit", type=int, default=None, help="its first N entries only")
+    parser.add_argument("--benchmark-steps", type=int, default=50, help="its sampling steps (official: 50)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     unknown = sorted(set(args.variants.split(",")) - set(TRAINED))
@@ -378,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         train_args=shlex.split(args.train_args),
         benchmark=args.benchmark.resolve() if args.benchmark else None,
         benchmark_limit=args.benchmark_limit,
+        benchmark_steps=args.benchmark_steps,
     )
     summary = run_study(study)
     print((out / "ablations.md").read_text())
