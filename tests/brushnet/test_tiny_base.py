@@ -68,6 +68,7 @@ def test_missing_asset_names_the_rebuild_command(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the whole recipe: 33 min on a shared 2-core machine (recipe.json "seconds")
 def test_recipe_reproduces_a_model_of_the_same_quality(tmp_path):
     """The shipped folder's recipe, rerun from scratch, gives the same quality within noise."""
     out = tmp_path / "base"

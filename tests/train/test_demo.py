@@ -74,6 +74,7 @@ def _printed_command(stdout: str, heading: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # demo + inpaint + 100 more steps: 224 s measured on a shared 2-core machine
 def test_demo_branch_beats_base_alone_on_held_out_photos_and_resumes(tmp_path):
     done = _demo("--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
