@@ -267,6 +267,9 @@ class BrushNetTrainingModule(L.LightningModule):
             betas=(hp.adam_beta1, hp.adam_beta2),
             weight_decay=hp.adam_weight_decay,
             eps=hp.adam_epsilon,
+            # Lightning's mixed-precision plugin refuses to clip the gradients of an optimizer that unscales
+            # them itself (fused AdamW), even under bf16 where nothing is scaled: foreach AdamW then.
+            allow_fused=not (self.trainer.gradient_clip_val and "mixed" in str(self.trainer.precision)),
         )
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         scheduler = build_scheduler(optimizer, hp.lr_scheduler, hp.lr_warmup_steps, total, hp.lr_min_ratio)

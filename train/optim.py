@@ -24,16 +24,18 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     weight_decay: float = 1e-2,
     eps: float = 1e-8,
+    allow_fused: bool = True,
 ) -> torch.optim.Optimizer:
     """``adamw`` (torch), ``adamw8bit`` / ``paged_adamw8bit`` (bitsandbytes; paged falls back to plain 8-bit
     on CPU, where there is nothing to page). Defaults are the official script's (Adam betas, eps, wd 1e-2).
-    Sharded (FSDP2) parameters get the per-shard 8-bit AdamW of ``train.optim_sharded``."""
+    Sharded (FSDP2) parameters get the per-shard 8-bit AdamW of ``train.optim_sharded``. ``allow_fused=False``
+    keeps AdamW on the foreach kernels (see :func:`adamw_implementation`)."""
     params = list(params)
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {list(OPTIMIZERS)}")
     kwargs = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
     if name == "adamw":
-        return torch.optim.AdamW(params, **kwargs, **adamw_implementation(params))
+        return torch.optim.AdamW(params, **kwargs, **adamw_implementation(params, allow_fused))
     from train.fsdp import is_sharded
 
     if is_sharded(params):
@@ -58,16 +60,22 @@ def build_optimizer(
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 
-def adamw_implementation(params: list[torch.nn.Parameter | dict]) -> dict[str, bool]:
-    """``fused=True`` when every parameter is a plain floating tensor on CPU or CUDA (torch's fused kernels:
-    one kernel per dtype/device group; measured 0.35 s vs 2.3 s per step of the SD1.5 branch on 2 CPU
+def adamw_implementation(
+    params: list[torch.nn.Parameter | dict], allow_fused: bool = True
+) -> dict[str, bool]:
+    """``fused=True`` when allowed and every parameter is a plain floating tensor on CPU or CUDA (torch's fused
+    kernels: one kernel per dtype/device group; measured 0.35 s vs 2.3 s per step of the SD1.5 branch on 2 CPU
     cores), ``foreach=True`` otherwise (other devices, FSDP2's DTensor shards)."""
     from torch.distributed.tensor import DTensor
 
     tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
-    fused = bool(tensors) and all(
-        t.device.type in ("cpu", "cuda") and t.is_floating_point() and not isinstance(t, DTensor)
-        for t in tensors
+    fused = (
+        allow_fused
+        and bool(tensors)
+        and all(
+            t.device.type in ("cpu", "cuda") and t.is_floating_point() and not isinstance(t, DTensor)
+            for t in tensors
+        )
     )
     return {"fused": True} if fused else {"foreach": True}
 

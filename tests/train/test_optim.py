@@ -81,3 +81,35 @@ def test_adamw8bit_on_cpu_says_it_is_a_memory_option(caplog):
     with caplog.at_level(logging.WARNING, logger="train.optim"):
         build_optimizer(model.parameters(), "adamw8bit")
     assert "memory option, not a speed one" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("precision", "clip", "fused"), [("bf16-mixed", 1.0, False), ("bf16-mixed", None, True)]
+)
+def test_mixed_precision_with_gradient_clipping_trains_on_foreach_adamw(
+    tiny_base_sd15, precision, clip, fused
+):
+    """Lightning refuses to clip a fused optimizer's gradients under mixed precision (it unscales them
+    itself): the module then builds foreach AdamW, and keeps the fused one when nothing is clipped."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from tests.train.batches import make_batch
+    from train.module import BrushNetTrainingModule
+
+    module = BrushNetTrainingModule(str(tiny_base_sd15), optimizer="adamw")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        precision=precision,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    batches = [make_batch(module.tokenizer, size=32)]
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 1
+    group = trainer.optimizers[0].param_groups[0]
+    assert bool(group["fused"]) is fused and bool(group["foreach"]) is not fused
