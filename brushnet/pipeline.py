@@ -33,7 +33,6 @@ from typing import Any, ClassVar
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.utils import BaseOutput
 
@@ -45,6 +44,7 @@ from brushnet.conditioning import (
 )
 from brushnet.guidance import all_zero, guidance_keep, predict_with_branch, step_scale
 from brushnet.images import ImageInput, load_inpaint_mask, load_rgb, resize_mask, resize_rgb
+from brushnet.injection import branch_condition
 from brushnet.loading import check_branch_matches_unet, load_base_components, load_brushnet
 from brushnet.masks import blurred_blend
 from brushnet.model import BrushNetModel
@@ -216,8 +216,8 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
             dist = self.vae.encode(pixels.to(device, vae_dtype)).latent_dist
             latents = dist.sample(generator) * self.vae.config.scaling_factor
         mask = torch.from_numpy(keep.astype(np.float32))[None, None].to(device).expand(copies, -1, -1, -1)
-        mask = F.interpolate(mask, size=latents.shape[-2:])  # nearest, as the official pipeline
-        return torch.cat([latents.float(), mask], dim=1)
+        # nearest resize to latent size, as the official pipeline (pixel-space for a `conv` ablation branch)
+        return branch_condition(self.brushnet, latents.float(), pixels.to(device), mask)
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         with self._vae_precision() as vae_dtype:
