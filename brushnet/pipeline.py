@@ -43,7 +43,7 @@ from brushnet.conditioning import (
     sdxl_time_ids,
 )
 from brushnet.guidance import all_zero, guidance_keep, predict_with_branch, step_scale
-from brushnet.images import ImageInput, load_inpaint_mask, load_rgb, resize_mask, resize_rgb
+from brushnet.images import ImageInput, check_call_options, prepare_inpaint_inputs, prompt_lists, resize_rgb
 from brushnet.injection import branch_condition
 from brushnet.loading import check_branch_matches_unet, load_base_components, load_brushnet
 from brushnet.masks import blurred_blend
@@ -273,37 +273,11 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
             raise ValueError(
                 f"masked_image_encoding must be 'once' or 'official', got {masked_image_encoding!r}"
             )
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = None
-        if negative_prompt is not None:
-            negatives = (
-                [negative_prompt] * len(prompts)
-                if isinstance(negative_prompt, str)
-                else list(negative_prompt)
-            )
-            if len(negatives) != len(prompts):
-                raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
-        if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
-            raise ValueError(
-                "need 0 <= control_guidance_start < control_guidance_end <= 1, got "
-                f"{control_guidance_start} and {control_guidance_end}"
-            )
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-
-        rgb = load_rgb(image)
-        full_hw = rgb.shape[:2]
-        inpaint = load_inpaint_mask(mask, full_hw)
-        f = self.vae_scale_factor
-        proc_hw = (height or full_hw[0] // f * f, width or full_hw[1] // f * f)
-        if proc_hw[0] < f or proc_hw[1] < f or proc_hw[0] % f or proc_hw[1] % f:
-            raise ValueError(
-                f"processing size {proc_hw[1]}x{proc_hw[0]} (WxH) must be positive multiples of {f}"
-            )
-        proc_rgb = resize_rgb(rgb, proc_hw)
-        proc_inpaint = resize_mask(inpaint, proc_hw)
-        keep = ~proc_inpaint
-        masked_rgb = proc_rgb * keep[..., None].astype(np.uint8)  # hole black (-1 after normalising)
+        prompts, negatives = prompt_lists(prompt, negative_prompt)
+        check_call_options(control_guidance_start, control_guidance_end, output_type)
+        inputs = prepare_inpaint_inputs(image, mask, height, width, self.vae_scale_factor)
+        rgb, inpaint, proc_hw = inputs.rgb, inputs.inpaint, inputs.size_hw
+        keep, masked_rgb = inputs.keep, inputs.masked_rgb
 
         device = self._execution_device
         dtype = self.unet.dtype
@@ -334,6 +308,7 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        f = self.vae_scale_factor
         shape = (batch, self.unet.config.in_channels, proc_hw[0] // f, proc_hw[1] // f)
         if latents is None:
             latents = torch.randn(
@@ -384,7 +359,7 @@ class BrushNetInpaintPipeline(DiffusionPipeline):
         if output_type == "latent":
             images: Any = latents
         else:
-            images = [resize_rgb(g, full_hw) for g in self._decode(latents)]
+            images = [resize_rgb(g, rgb.shape[:2]) for g in self._decode(latents)]
             if blend:
                 images = [blurred_blend(rgb, g, inpaint, blur_size=blur_size) for g in images]
             images = np.stack(images) if output_type == "np" else [PIL.Image.fromarray(g) for g in images]

@@ -23,17 +23,9 @@ from brushnet.dit.latents import latent_keep_mask, vae_decode, vae_encode
 from brushnet.dit.loading import check_branch_matches_transformer
 from brushnet.dit.text import DiTText
 from brushnet.guidance import all_zero, guidance_keep, step_scale
-from brushnet.images import ImageInput, load_inpaint_mask, load_rgb, resize_mask, resize_rgb
+from brushnet.images import ImageInput, check_call_options, prepare_inpaint_inputs, prompt_lists, resize_rgb
 from brushnet.masks import blurred_blend
 from brushnet.pipeline import BrushNetInpaintOutput
-
-
-def _prompts(prompt: str | list[str], negative: str | list[str] | None) -> tuple[list[str], list[str]]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = [negative or ""] * len(prompts) if not isinstance(negative, list) else list(negative)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
-    return prompts, negatives
 
 
 class DiTInpaintPipeline(DiffusionPipeline):
@@ -112,26 +104,12 @@ class DiTInpaintPipeline(DiffusionPipeline):
                 f"{type(self).__name__} has no classifier-free guidance (Flux takes guidance_scale as an "
                 "embedding), so negative_prompt would be ignored: leave it out"
             )
-        prompts, negatives = _prompts(prompt, negative_prompt)
-        if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
-            raise ValueError(
-                "need 0 <= control_guidance_start < control_guidance_end <= 1, got "
-                f"{control_guidance_start} and {control_guidance_end}"
-            )
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-
-        rgb = load_rgb(image)
-        full_hw = rgb.shape[:2]
-        inpaint = load_inpaint_mask(mask, full_hw)
-        m = self.size_multiple
-        proc_hw = (height or full_hw[0] // m * m, width or full_hw[1] // m * m)
-        if proc_hw[0] < m or proc_hw[1] < m or proc_hw[0] % m or proc_hw[1] % m:
-            raise ValueError(
-                f"processing size {proc_hw[1]}x{proc_hw[0]} (WxH) must be positive multiples of {m}"
-            )
-        keep_px = ~resize_mask(inpaint, proc_hw)
-        masked_rgb = resize_rgb(rgb, proc_hw) * keep_px[..., None].astype(np.uint8)  # hole black
+        prompts, negatives = prompt_lists(prompt, negative_prompt)
+        negatives = negatives or [""] * len(prompts)
+        check_call_options(control_guidance_start, control_guidance_end, output_type)
+        inputs = prepare_inpaint_inputs(image, mask, height, width, self.size_multiple)
+        rgb, inpaint, proc_hw = inputs.rgb, inputs.inpaint, inputs.size_hw
+        keep_px, masked_rgb = inputs.keep, inputs.masked_rgb
 
         device, dtype = self._execution_device, self.transformer.dtype
         batch = len(prompts) * num_images_per_prompt
@@ -181,7 +159,7 @@ class DiTInpaintPipeline(DiffusionPipeline):
         else:
             decoded = vae_decode(self.vae, latents.to(dtype)).float()
             decoded = ((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
-            images = [resize_rgb(g, full_hw) for g in decoded.astype(np.uint8)]
+            images = [resize_rgb(g, rgb.shape[:2]) for g in decoded.astype(np.uint8)]
             if blend:
                 images = [blurred_blend(rgb, g, inpaint, blur_size=blur_size) for g in images]
             images = np.stack(images) if output_type == "np" else [PIL.Image.fromarray(g) for g in images]
