@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from train.checkpointing import resolve_auto_ckpt
+from train.cli import close_process_group
 from train.requeue import SlurmRequeue
 
 
@@ -84,6 +85,7 @@ def main() -> None:
         result = {"global_step": trainer.global_step, "resumed_from": ckpt, "world_size": trainer.world_size}
         (root / "result.json").write_text(json.dumps(result))
         print(f"toy: done at step {trainer.global_step} (pid {os.getpid()})", flush=True)
+    close_process_group()  # as brushnet-train does after a finished run
 
 
 if __name__ == "__main__":
