@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,8 +60,10 @@ def inpaint_cases(
     conditioning_scale: float = 1.0,
     steps: int = 10,
     seed: int = 0,
+    **pipe_kwargs: Any,
 ) -> list[np.ndarray]:
-    """Blended outputs (uint8 HxWx3) of a :class:`brushnet.pipeline.BrushNetInpaintPipeline`, one seed per case."""
+    """Blended outputs (uint8 HxWx3) of a :class:`brushnet.pipeline.BrushNetInpaintPipeline`, one seed per case
+    (``pipe_kwargs``: more call options, e.g. ``blend`` / ``blur_size``)."""
     outputs = []
     for i, case in enumerate(cases):
         result = pipe(
@@ -72,6 +75,7 @@ def inpaint_cases(
             brushnet_conditioning_scale=conditioning_scale,
             generator=torch.Generator().manual_seed(seed + i),
             output_type="np",
+            **pipe_kwargs,
         )
         outputs.append(result.images[0])
     return outputs

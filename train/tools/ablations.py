@@ -32,7 +32,7 @@ import torch
 from brushnet.atomic import atomic_write_text
 from brushnet.evaluation.metrics import preserved_region_errors
 from brushnet.evaluation.report import SUMMARY_CSV
-from brushnet.testing.heldout import HeldOutCase, held_out_cases
+from brushnet.testing.heldout import HeldOutCase, held_out_cases, inpaint_cases
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "ablations"
@@ -170,30 +170,19 @@ def _pipeline(variant: str, base: str, export: Path):
     return pipe
 
 
-def inpaint(variant: str, pipe, cases: list[HeldOutCase], steps: int, **blending) -> list[np.ndarray]:
+def inpaint(variant: str, pipe, cases: list[HeldOutCase], steps: int, **options) -> list[np.ndarray]:
     """One output per case, seeded per case (the same seeds for every variant)."""
+    if variant != "single_branch":
+        scale = options.pop("brushnet_conditioning_scale", 1.0)
+        return inpaint_cases(pipe, cases, conditioning_scale=scale, steps=steps, **options)
     from brushnet.single_branch import inpaint_single_branch
 
-    outputs = []
-    for i, case in enumerate(cases):
-        if variant == "single_branch":
-            out = inpaint_single_branch(
-                pipe, case.caption, case.image, case.hole, steps=steps, guidance_scale=1.0, seed=i, **blending
-            )
-        else:
-            result = pipe(
-                case.caption,
-                case.image,
-                case.hole,
-                num_inference_steps=steps,
-                guidance_scale=1.0,
-                generator=torch.Generator().manual_seed(i),
-                output_type="np",
-                **blending,
-            )
-            out = result.images[0]
-        outputs.append(out)
-    return outputs
+    return [
+        inpaint_single_branch(
+            pipe, c.caption, c.image, c.hole, steps=steps, guidance_scale=1.0, seed=i, **options
+        )
+        for i, c in enumerate(cases)
+    ]
 
 
 def evaluate_variant(variant: str, base: str, export: Path, cases: list[HeldOutCase], steps: int) -> dict:
