@@ -19,8 +19,8 @@ from train.validation import validation_grid
 
 # Held-out masked-region PSNR gain of base + trained branch over the base alone (same pipeline, blending
 # and seeds, branch at scale 0): measured +0.19 to +0.43 dB over runs (hole MSE 0.0762 -> 0.0695 for +0.40)
-# with the default 300 steps; see README "What the demo shows". The data pipeline's download order varies
-# between runs, so the margin is half the smallest gain seen: the 300-step branch has only begun to learn.
+# with the default 300 steps; see README "What the demo shows". The gain varies between runs (cause not yet
+# traced), so the margin is about half the smallest gain seen: the 300-step branch has only begun to learn.
 MIN_GAIN_DB = 0.1
 
 
