@@ -152,8 +152,9 @@ def tiny_unet(kind: BaseKind = "sd15", seed: int = 0):
     return UNet2DConditionModel(**tiny_unet_config(kind))
 
 
-def tiny_vae(seed: int = 0):
-    """A 4-level VAE: the same x8 spatial factor and 4 latent channels as the SD VAE."""
+def tiny_vae(seed: int = 0, latent_channels: int = 4, **config):
+    """A 4-level VAE: the same x8 spatial factor and (by default) 4 latent channels as the SD VAE;
+    ``config``: more ``AutoencoderKL`` arguments (e.g. the SD3 / Flux scaling and shift)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -165,8 +166,9 @@ def tiny_vae(seed: int = 0):
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
         norm_num_groups=8,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=64,
+        **config,
     )
 
 

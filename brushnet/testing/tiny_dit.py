@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from brushnet.testing.tiny import _text_encoder, write_clip_tokenizer
+from brushnet.testing.tiny import _text_encoder, tiny_vae, write_clip_tokenizer
 
 # scaling_factor / shift_factor of the released VAEs (vae/config.json of stabilityai/stable-diffusion-3.5-*
 # and black-forest-labs/FLUX.1-dev).
@@ -70,19 +70,9 @@ def _t5_encoder(vocab_size: int, d_model: int):
 
 def tiny_dit_vae(factors: tuple[float, float], seed: int = 0):
     """A 4-level, 16-latent-channel VAE (x8 spatial factor, no quant convs: the SD3 / Flux VAE layout)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
+    return tiny_vae(
+        seed,
         latent_channels=16,
-        sample_size=64,
         scaling_factor=factors[0],
         shift_factor=factors[1],
         use_quant_conv=False,
