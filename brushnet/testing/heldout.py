@@ -44,14 +44,26 @@ def held_out_cases(
     return cases
 
 
-def hole_scores(outputs: list[np.ndarray], cases: list[HeldOutCase]) -> dict[str, float]:
-    """Mean MSE (images in [0, 1]) inside the holes, and the PSNR (dB) of that mean MSE."""
+def _mean_mse(outputs: list[np.ndarray], cases: list[HeldOutCase], hole: bool) -> float:
     errors = []
     for out, case in zip(outputs, cases):
         diff = (out.astype(np.float64) - case.image.astype(np.float64)) / 255.0
-        errors.append(float((diff[case.hole] ** 2).mean()))
-    mse = float(np.mean(errors))
-    return {"psnr_db": float(10 * np.log10(1.0 / max(mse, 1e-12))), "mse": mse}
+        region = case.hole if hole else ~case.hole
+        errors.append(float((diff[region] ** 2).mean()))
+    return float(np.mean(errors))
+
+
+def _psnr(mse: float) -> float:
+    return float(10 * np.log10(1.0 / max(mse, 1e-12)))
+
+
+def hole_scores(outputs: list[np.ndarray], cases: list[HeldOutCase]) -> dict[str, float]:
+    """Mean MSE (images in [0, 1]) inside the holes and the PSNR (dB) of that mean MSE; for outputs that were
+    not blended back, also the same outside the holes (``kept_*``: how well the output reproduces what the
+    branch was shown, the first thing it learns)."""
+    mse = _mean_mse(outputs, cases, hole=True)
+    kept = _mean_mse(outputs, cases, hole=False)
+    return {"psnr_db": _psnr(mse), "mse": mse, "kept_psnr_db": _psnr(kept), "kept_mse": kept}
 
 
 def inpaint_cases(
@@ -88,8 +100,10 @@ def compare_branches(
     steps: int = 10,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Hole scores of ``base alone`` (the first branch at conditioning scale 0: the same pipeline and blending
-    with no branch residuals) and of every branch at scale 1, all with the same seeds."""
+    """Hole scores of ``base alone`` (the first branch at conditioning scale 0: the same pipeline with no
+    branch residuals) and of every branch at scale 1, all with the same seeds. The outputs are scored before
+    blending: blending leaves the hole as generated, so the hole scores are those of the blended output, and
+    the kept-region scores show how well the output itself follows the input."""
     from brushnet.loading import load_brushnet
     from brushnet.pipeline import BrushNetInpaintPipeline
 
@@ -100,10 +114,12 @@ def compare_branches(
         if pipe is None:
             pipe = BrushNetInpaintPipeline.from_base(base, model)
             pipe.set_progress_bar_config(disable=True)
-            results["base alone"] = hole_scores(inpaint_cases(pipe, cases, 0.0, steps, seed), cases)
+            results["base alone"] = hole_scores(
+                inpaint_cases(pipe, cases, 0.0, steps, seed, blend=False), cases
+            )
         else:
             pipe.register_modules(brushnet=model.eval())
-        results[name] = hole_scores(inpaint_cases(pipe, cases, 1.0, steps, seed), cases)
+        results[name] = hole_scores(inpaint_cases(pipe, cases, 1.0, steps, seed, blend=False), cases)
     return results
 
 

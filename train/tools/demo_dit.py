@@ -72,8 +72,6 @@ def run_demo(family: str, out: Path, steps: int) -> dict:
         log.info("building a tiny random %s base at %s", family, base)
         build_trainable_dit_base(family, base)
     data_args = build_data(out)
-    if "--data.index" in data_args:
-        data_args.append("--data.train_shards=null")
     run = out / "run"
     cmd = train_command(family, base, run, data_args, steps)
     log.info("training: %s", shlex.join(cmd))
