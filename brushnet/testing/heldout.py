@@ -27,12 +27,18 @@ class HeldOutCase:
 
 
 def held_out_cases(
-    n: int = 16, size: int = 64, seed: int = 0, scales: tuple[float, ...] = (1.0,)
+    n: int = 16,
+    size: int = 64,
+    seed: int = 0,
+    scales: tuple[float, ...] = (1.0,),
+    photos: dict[str, str] = HELD_OUT_PHOTOS,
 ) -> list[HeldOutCase]:
-    """``n`` deterministic (crop, box hole, caption) cases from the held-out photos. The default scale (short
-    side = ``size``, random square crop, random flip) is what the trainer's DataModule does to its photos."""
+    """``n`` deterministic (crop, box hole, caption) cases from the held-out photos (or other ``photos``,
+    e.g. :data:`~brushnet.testing.photos.TRAIN_PHOTOS` to see what the models do on photos they know). The
+    default scale (short side = ``size``, random square crop, random flip) is what the trainer's DataModule
+    does to its photos."""
     rng = np.random.default_rng(seed)
-    crops, captions = PhotoCrops(HELD_OUT_PHOTOS, size, scales).sample(n, rng)
+    crops, captions = PhotoCrops(photos, size, scales).sample(n, rng)
     images = ((crops.transpose(0, 2, 3, 1) + 1.0) * 127.5).round().astype(np.uint8)
     cases = []
     for image, caption in zip(images, captions):

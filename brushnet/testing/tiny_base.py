@@ -31,13 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brushnet.testing.photos import (
-    HELD_OUT_PHOTOS,
-    TRAIN_PHOTOS,
-    PhotoCrops,
-    image_statistics,
-    psnr,
-)
+from brushnet.testing.base_quality import evaluate
+from brushnet.testing.photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops
 
 ASSET = Path(__file__).parent / "assets" / "tiny_sd15_photos"
 TEXT_HIDDEN = 32
@@ -54,8 +49,8 @@ class Recipe:
     vae_batch: int = 8
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
-    latent_crops: int = 4096
-    unet_steps: int = 800
+    latent_crops: int = 16384
+    unet_steps: int = 4000
     unet_batch: int = 32
     unet_lr: float = 2e-3
     ema_decay: float = 0.99
@@ -301,53 +296,6 @@ def store_weights_fp16(folder: Path) -> None:
     for path in sorted(folder.rglob("*.safetensors")):
         state = load_file(path)
         save_file({k: v.half().contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
-
-
-@torch.no_grad()
-def sample_images(
-    folder: str | os.PathLike, n: int = 8, steps: int = 20, seed: int = 0, size: int = 64
-) -> np.ndarray:
-    """``n`` unconditional (empty-prompt) samples of a base, float NCHW in [-1, 1] (DDIM, ``steps`` steps)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(
-        [""] * n,
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).images
-    return images.transpose(0, 3, 1, 2) * 2.0 - 1.0
-
-
-@torch.no_grad()
-def vae_held_out_psnr(folder: str | os.PathLike, n: int = 64, seed: int = 0, size: int = 64) -> float:
-    """PSNR (dB) of the VAE's reconstructions (posterior mean) of random crops of the held-out photos."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-    x = PhotoCrops(HELD_OUT_PHOTOS, size).sample(n, np.random.default_rng(seed))[0]
-    rec = vae.decode(vae.encode(torch.from_numpy(x)).latent_dist.mean).sample.clamp(-1, 1).numpy()
-    return psnr(rec, x)
-
-
-def evaluate(folder: str | os.PathLike, size: int = 64) -> dict:
-    """Held-out VAE PSNR, and statistics of unconditional samples next to those of training-photo crops
-    and of Gaussian noise with the same std."""
-    photos = PhotoCrops(TRAIN_PHOTOS, size).sample(64, np.random.default_rng(1))[0]
-    samples = sample_images(folder, size=size)
-    noise = np.random.default_rng(0).normal(0, photos.std(), photos.shape).clip(-1, 1)
-    return {
-        "vae_held_out_psnr_db": round(vae_held_out_psnr(folder, size=size), 2),
-        "samples": {k: round(v, 4) for k, v in image_statistics(samples).items()},
-        "photo_crops": {k: round(v, 4) for k, v in image_statistics(photos).items()},
-        "gaussian_noise": {k: round(v, 4) for k, v in image_statistics(noise).items()},
-    }
 
 
 def pretrained_tiny_base() -> Path:

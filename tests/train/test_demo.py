@@ -17,11 +17,11 @@ import pytest
 from train.tools.demo import choose_run
 from train.validation import validation_grid
 
-# Held-out masked-region PSNR gain of base + trained branch over the base alone (same pipeline, blending
-# and seeds, branch at scale 0): measured +0.19 to +0.43 dB over runs (hole MSE 0.0762 -> 0.0695 for +0.40)
-# with the default 300 steps; see README "What the demo shows". The gain varies between runs (cause not yet
-# traced), so the margin is about half the smallest gain seen: the 300-step branch has only begun to learn.
-MIN_GAIN_DB = 0.1
+# Held-out masked-region PSNR gain of base + trained branch over the base alone (same pipeline and seeds,
+# branch at scale 0), default 1,000 steps: see README "What the demo shows" for the measured numbers. The
+# margins are about half the gains measured, so a trainer that stopped learning fails them.
+MIN_GAIN_DB = 0.4
+MIN_KEPT_GAIN_DB = 1.0  # the output (before blending) reproduces the kept region the branch is shown
 
 
 def _demo(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -84,10 +84,13 @@ def test_demo_branch_beats_base_alone_on_held_out_photos_and_resumes(tmp_path):
     scores = results["scores"]
     assert results["psnr_gain_db_vs_base_alone"] > MIN_GAIN_DB, scores
     assert scores["trained branch"]["mse"] < scores["base alone"]["mse"]
+    kept_gain = scores["trained branch"]["kept_psnr_db"] - scores["base alone"]["kept_psnr_db"]
+    assert kept_gain > MIN_KEPT_GAIN_DB, scores
+    assert results["training_photos_psnr_gain_db_vs_base_alone"] > MIN_GAIN_DB, results
     # zero-initialised output convolutions: the untrained branch adds nothing to the base
     assert abs(scores["untrained branch"]["psnr_db"] - scores["base alone"]["psnr_db"]) < 0.05, scores
     assert "trained - base alone" in done.stdout
-    grid = PIL.Image.open(next(run.glob("logs/*/validation/step-00000300/00.png")))
+    grid = PIL.Image.open(next(run.glob("logs/*/validation/step-00001000/00.png")))
     assert grid.width >= 5 * 192  # five panels, upscaled
 
     inpaint = _printed_command(done.stdout, "inpaint a held-out crop (seconds):")
@@ -101,5 +104,5 @@ def test_demo_branch_beats_base_alone_on_held_out_photos_and_resumes(tmp_path):
     ran = subprocess.run(resume, shell=True, capture_output=True, text=True, timeout=1200)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "last.ckpt" in ran.stderr  # --ckpt_path auto found the demo's checkpoint
-    assert (run / "export" / "step-00000400" / "brushnet").is_dir()
+    assert (run / "export" / "step-00001100" / "brushnet").is_dir()
     assert Path(run / "results.json").is_file()  # earlier results are kept

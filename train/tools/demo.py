@@ -8,8 +8,9 @@
 3. ``brushnet-train fit --config configs/tiny_cpu.yaml --config <run>/demo.yaml --ckpt_path auto`` in a new run
    folder ``<out>/runs/NNN`` (or the newest unfinished one, which it resumes): checkpoints, exports, grids;
 4. on crops of held-out photos (in neither the base's nor the branch's training set), the PSNR / MSE inside the
-   hole of base + trained branch against the base alone (zero branch) and the untrained branch, saved as
-   ``<run>/results.json``; then a summary with a resume command and a quick ``brushnet inpaint`` command.
+   hole of base + trained branch against the base alone (zero branch) and the untrained branch (and the same
+   on new crops of the training photos), saved as ``<run>/results.json``; then a summary with a resume
+   command and a quick ``brushnet inpaint`` command.
 """
 
 from __future__ import annotations
@@ -207,17 +208,21 @@ def newest_export(run: Path) -> Path | None:
 
 
 def evaluate_run(run: Path, base: str, export: Path, cases: int, steps: int, resolution: int) -> dict:
-    """Held-out hole scores of the trained branch (and EMA) vs base alone and the untrained branch."""
+    """Hole (and kept-region) scores of the trained branch (and EMA) vs base alone and the untrained branch:
+    on crops of the held-out photos (the test of generalisation), and on new crops and holes of the training
+    photos (what the branch does where the tiny base knows what to draw)."""
     from brushnet.atomic import atomic_write_text
     from brushnet.testing.heldout import compare_branches, held_out_cases, untrained_branch
-    from brushnet.testing.photos import HELD_OUT_PHOTOS
+    from brushnet.testing.photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS
 
-    held_out = held_out_cases(n=cases, size=resolution)
     branches = {"trained branch": export / "brushnet"}
     if (export / "brushnet_ema").is_dir():
         branches["trained branch (EMA)"] = export / "brushnet_ema"
     branches["untrained branch"] = untrained_branch(base)
-    scores = compare_branches(base, branches, held_out, steps=steps)
+    scores = compare_branches(base, branches, held_out_cases(n=cases, size=resolution), steps=steps)
+    # the photos the data set was cut from, other random crops and holes (seed 1)
+    seen = held_out_cases(n=cases, size=resolution, seed=1, photos=TRAIN_PHOTOS)
+    seen_scores = compare_branches(base, {"trained branch": export / "brushnet"}, seen, steps=steps)
     results = {
         "export": str(export),
         "held_out_photos": list(HELD_OUT_PHOTOS),
@@ -228,6 +233,9 @@ def evaluate_run(run: Path, base: str, export: Path, cases: int, steps: int, res
         "psnr_gain_db_vs_base_alone": scores["trained branch"]["psnr_db"] - scores["base alone"]["psnr_db"],
         "psnr_gain_db_vs_untrained": scores["trained branch"]["psnr_db"]
         - scores["untrained branch"]["psnr_db"],
+        "training_photos_scores": seen_scores,
+        "training_photos_psnr_gain_db_vs_base_alone": seen_scores["trained branch"]["psnr_db"]
+        - seen_scores["base alone"]["psnr_db"],
     }
     atomic_write_text(run / "results.json", json.dumps(results, indent=2) + "\n")
     return results
@@ -258,6 +266,12 @@ def _print_summary(
         print(
             f"  trained - base alone  : {results['psnr_gain_db_vs_base_alone']:+.2f} dB;  trained - untrained: "
             f"{results['psnr_gain_db_vs_untrained']:+.2f} dB  ({run / 'results.json'})"
+        )
+        seen = results["training_photos_scores"]
+        print(
+            f"new crops and holes of the training photos (the base knows them): hole PSNR base alone "
+            f"{seen['base alone']['psnr_db']:.2f} dB, trained branch {seen['trained branch']['psnr_db']:.2f} dB "
+            f"({results['training_photos_psnr_gain_db_vs_base_alone']:+.2f} dB)"
         )
     steps = int(export.name.split("-")[1]) if export else 0
     print(f"train 100 more steps:\n  {shlex.join([*cmd, f'--trainer.max_steps={steps + 100}'])}")
@@ -306,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "--new", action="store_true", help="start a new run folder even if the newest is unfinished"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: tiny_cpu.yaml's 300)"
+        "--steps", type=int, default=None, help="training steps (default: tiny_cpu.yaml's 1000)"
     )
     parser.add_argument(
         "--resolution", type=int, default=None, help="default 64 (tiny base), 512 with --base"
