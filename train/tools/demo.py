@@ -91,16 +91,17 @@ def write_demo_shards(folder: Path, size: int = 128, crops_per_photo: int = 32, 
     return folder
 
 
-def build_data(out: Path) -> list[str]:
-    """CLI arguments pointing the DataModule at the demo's crop shards (written now if missing).
+def build_data(out: Path, size: int = 128) -> list[str]:
+    """CLI arguments pointing the DataModule at the demo's crop shards of ``size`` px (written now if missing;
+    128 px for the 64 px tiny demo, the training resolution for a real base).
 
     Not the data pipeline's demo set (``make data``): that holds 7 whole photographs, which at 64 px are 7
     nearly fixed views; a branch trained 1,500 steps on it reproduced the kept region of held-out photos
     *worse* than the base alone (noise-prediction error there 0.348 vs 0.282 at t = 250), while on these 256
     crops it learned it (0.124)."""
-    shards = out / "data" / "shards"
+    shards = out / "data" / ("shards" if size == 128 else f"shards_{size}px")
     if not any(shards.glob("*.tar")):
-        write_demo_shards(shards)
+        write_demo_shards(shards, size=size)
     return ["--data.train_shards", str(shards)]
 
 
@@ -356,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data_args = build_data(out)
     run = choose_run(out, args.run, args.new)
     resolution = args.resolution or (512 if args.base else 64)
+    data_args = build_data(out, size=max(128, resolution))
     resuming = _has_checkpoint(run)
     log.info("%s run folder %s", "resuming" if resuming else "starting", run)
     if not (run / "inputs" / "prompt.txt").is_file():
