@@ -66,18 +66,14 @@ def evaluate(folder: str | os.PathLike, size: int = 64) -> dict:
 def unet_held_out_loss(folder: str | os.PathLike, n: int = 64, seed: int = 0, size: int = 64) -> float:
     """Mean noise-prediction MSE of the UNet on held-out crops (VAE posterior means, empty prompt), over
     :data:`LOSS_TIMESTEPS` with fixed noise: how well the diffusion model knows photos it never saw."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from brushnet.loading import load_base_components
 
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    parts = load_base_components(folder)
+    vae, unet, scheduler = parts.vae.eval(), parts.unet.eval(), parts.scheduler
     x = PhotoCrops(HELD_OUT_PHOTOS, size).sample(n, np.random.default_rng(seed))[0]
     latents = vae.encode(torch.from_numpy(x)).latent_dist.mean * vae.config.scaling_factor
-    ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    empty = text_encoder(ids)[0].expand(n, -1, -1)
+    ids = parts.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    empty = parts.text_encoder.eval()(ids)[0].expand(n, -1, -1)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for t in LOSS_TIMESTEPS:

@@ -100,3 +100,12 @@ def test_base_figure_writes_three_rows_of_upscaled_panels(tmp_path):
     crops, reconstructions = image[:128].astype(float), image[128:256].astype(float)
     # the reconstructions are of the crops above them (recognisable), not of anything else
     assert np.abs(crops - reconstructions).mean() < np.abs(crops - crops[:, ::-1]).mean()
+
+
+def test_unet_held_out_loss_is_the_recorded_one_and_far_below_a_zero_prediction():
+    from brushnet.testing.base_quality import unet_held_out_loss
+
+    loss = unet_held_out_loss(ASSET)
+    recorded = json.loads((ASSET / "recipe.json").read_text())["quality"]["unet_held_out_loss"]
+    assert abs(loss - recorded) < 1e-3, (loss, recorded)
+    assert loss < 0.5  # predicting zero noise scores 1.0 (unit-variance noise)
