@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, nargs="?", default=ASSET)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if not (args.folder / "vae").is_dir():
+        parser.error(f"{args.folder} is not a diffusers base folder (no vae/ in it)")
     save_image_atomic(PIL.Image.fromarray(base_figure(args.folder)), args.out)
     return 0
 

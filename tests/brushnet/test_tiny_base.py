@@ -109,3 +109,21 @@ def test_unet_held_out_loss_is_the_recorded_one_and_far_below_a_zero_prediction(
     recorded = json.loads((ASSET / "recipe.json").read_text())["quality"]["unet_held_out_loss"]
     assert abs(loss - recorded) < 1e-3, (loss, recorded)
     assert loss < 0.5  # predicting zero noise scores 1.0 (unit-variance noise)
+
+
+def test_base_figure_refuses_a_folder_that_is_not_a_base_in_one_line(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brushnet.testing.base_figure",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "not a diffusers base folder" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()
