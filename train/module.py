@@ -210,8 +210,9 @@ class BrushNetTrainingModule(L.LightningModule):
         loss = self.compute_loss(batch, self.step_generator(self._batch_counter()))
         keys = list(batch.get("keys", []))[:8]
         where = f"at step {self.global_step}" + (f" (batch keys {keys})" if keys else "")
-        if not self.nonfinite.loss_is_finite(loss, where):
-            return loss  # the backward still runs (every rank reaches the all-reduce); the update is dropped
+        # judged once per optimizer step (on_before_optimizer_step); a NaN loss still runs its backward (every
+        # rank reaches the all-reduce), is logged as NaN, and its window's update is dropped
+        self.nonfinite.record_loss(loss, where)
         bsz = batch["pixel_values"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
         if "num_bad" in batch:

@@ -38,7 +38,7 @@ class NonFiniteSteps:
       only a non-finite loss counts, and a step the scaler skipped also leaves the EMA and LR alone.
     * :attr:`skipped_steps` (dropped updates, scaler skips excluded) is saved in checkpoints.
 
-    The LightningModule calls :meth:`start_micro_batch` and :meth:`loss_is_finite` in ``training_step``,
+    The LightningModule calls :meth:`start_micro_batch` and :meth:`record_loss` in ``training_step``,
     :meth:`check_update` in ``on_before_optimizer_step`` and :meth:`finish_update` after the optimizer step.
     """
 
@@ -51,21 +51,25 @@ class NonFiniteSteps:
         self.skipped_steps = 0
         self.update_skipped = False
         self._window_open = False
-        self._reason: str | None = None  # the first non-finite loss of the open window
+        self._losses: list[tuple[torch.Tensor, str]] = []  # the open window's losses, where each was computed
 
     def start_micro_batch(self) -> None:
         """Opens a window at the first micro-batch of an optimizer step."""
         if not self._window_open:
             self._window_open = True
             self.update_skipped = False
-            self._reason = None
+            self._losses = []
 
-    def loss_is_finite(self, loss: torch.Tensor, where: str) -> bool:
-        """False (and the window's update will be dropped) when ``loss`` is NaN/Inf."""
-        if bool(torch.isfinite(loss)):
-            return True
-        self._reason = self._reason or f"loss is {loss.item()} {where}"
-        return False
+    def record_loss(self, loss: torch.Tensor, where: str) -> None:
+        """Keeps the micro-batch's loss for :meth:`check_update`; no host sync here (reading ``isfinite`` now
+        would stall the device queue once per micro-batch)."""
+        self._losses.append((loss.detach(), where))
+
+    def _first_bad_loss(self) -> str | None:
+        for loss, where in self._losses:
+            if not bool(torch.isfinite(loss)):
+                return f"loss is {loss.item()} {where}"
+        return None
 
     def check_update(
         self,
@@ -77,21 +81,26 @@ class NonFiniteSteps:
     ) -> None:
         """Drop the update (clear the gradients of ``params``) when this rank or another one saw a non-finite
         loss or gradient. ``check_gradients``: False under ``16-mixed``. ``reduce``: the strategy's
-        ``reduce(tensor, reduce_op="sum")`` under DDP/FSDP (one scalar all-reduce), None on one process."""
+        ``reduce(tensor, reduce_op="sum")`` under DDP/FSDP (one scalar all-reduce), None on one process.
+        The verdict is one device-to-host read for the window's losses, all gradients and all ranks."""
         params = list(params)
-        reason = self._reason
-        if reason is None and check_gradients:
-            grads = [_local_tensor(p.grad) for p in params if p.grad is not None]
-            # one reduction and one host sync for all gradients (a NaN/Inf element makes its norm NaN/Inf)
-            if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
-                reason = f"a gradient is NaN/Inf at step {step}"
-        if reduce is not None and params:
-            flag = torch.tensor(float(reason is not None), device=_local_tensor(params[0]).device)
-            if float(reduce(flag, reduce_op="sum")) > 0 and reason is None:
-                reason = f"a non-finite loss or gradient on another rank at step {step}"
-        if reason is None:
+        if not params:
+            return
+        device = _local_tensor(params[0]).device
+        checks = [torch.isfinite(loss).all().to(device) for loss, _ in self._losses]
+        grads = [_local_tensor(p.grad) for p in params if p.grad is not None] if check_gradients else []
+        if grads:  # a NaN/Inf element makes its tensor's norm NaN/Inf
+            checks.append(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        bad = (~torch.stack(checks).all()).float() if checks else torch.zeros((), device=device)
+        if reduce is not None:
+            bad = reduce(bad.reshape(1), reduce_op="sum")
+        if not float(bad.sum()):
             self.consecutive_skips = 0
             return
+        reason = self._first_bad_loss()  # the rare path: more reads to say what was non-finite
+        if reason is None and grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            reason = f"a gradient is NaN/Inf at step {step}"
+        reason = reason or f"a non-finite loss or gradient on another rank at step {step}"
         for p in params:
             p.grad = None  # the optimizer leaves parameters without a gradient unchanged
         self._skip(reason)

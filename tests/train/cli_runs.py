@@ -52,7 +52,7 @@ def overlay(path: Path, *, every: int = 2, validate_every: int = 1000, ema: bool
                         ],
                     },
                 },
-                {"class_path": "train.monitor.TrainingMonitor", "init_args": {"window_size": 2}},
+                {"class_path": "train.monitor.TrainingMonitor"},
                 {
                     "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
                     "init_args": {"logging_interval": "step"},

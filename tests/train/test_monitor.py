@@ -36,7 +36,9 @@ class Regression(L.LightningModule):
         }
 
 
-def test_metrics_are_logged_every_n_global_steps_across_short_epochs(tmp_path):
+def test_metrics_are_logged_every_n_global_steps_across_short_epochs(tmp_path, monkeypatch):
+    clock = iter(range(100))  # the monitor's clock ticks 1 s per reading: samples/s = samples per interval
+    monkeypatch.setattr(TrainingMonitor, "_now", lambda self, device: float(next(clock)))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 3, generator=g)
     samples = [{"pixel_values": x[i], "y": x[i].sum() * 2} for i in range(12)]
@@ -47,7 +49,7 @@ def test_metrics_are_logged_every_n_global_steps_across_short_epochs(tmp_path):
         max_steps=12,
         accelerator="cpu",
         logger=logger,
-        callbacks=[TrainingMonitor(window_size=2), LearningRateMonitor(logging_interval="step")],
+        callbacks=[TrainingMonitor(), LearningRateMonitor(logging_interval="step")],
         log_every_n_steps=4,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -71,6 +73,5 @@ def test_metrics_are_logged_every_n_global_steps_across_short_epochs(tmp_path):
         assert abs(float(row["train/grad_norm"]) - expected) <= 1e-6 * max(1.0, expected), step
     lrs = {int(r["step"]): float(r["train/lr"]) for r in rows if r.get("train/lr")}
     assert lrs == {3: 0.1 / 4, 7: 0.1 / 8, 11: 0.1 / 12}
-    assert all(
-        float(r["train/device/samples_per_sec"]) > 0 for r in rows if r.get("train/device/samples_per_sec")
-    )
+    rates = [float(r["train/device/samples_per_sec"]) for r in rows if r.get("train/device/samples_per_sec")]
+    assert rates == [16.0, 16.0, 16.0]  # 4 steps of 4 samples between readings
