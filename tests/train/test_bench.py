@@ -47,9 +47,19 @@ def test_smoke_run_writes_bench_json_and_tables(tmp_path):
     cmd = [sys.executable, "-m", "train.tools.bench", "--smoke", "--skip", "pipeline", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    check_result(json.loads(out.read_text()), ["tiny"])
+    result = json.loads(out.read_text())
+    check_result(result, ["tiny"])
+    (trainer,) = result["trainer_memory"]  # one brushnet-train process on the tiny shape
+    row = trainer["variants"]["bf16, AdamW8bit"]
+    assert 0.2 < row["peak_gib"] < 8 and row["last_step_s"] > 0 and row["steps"] == 2
     assert not out.with_name("bench.json.tmp").exists()
-    for heading in ("| limit | measured |", "**Step, tiny**", "Lightning loop iteration", "**Loader**"):
+    for heading in (
+        "| limit | measured |",
+        "**Step, tiny**",
+        "Lightning loop iteration",
+        "**Trainer process, tiny**",
+        "**Loader**",
+    ):
         assert heading in done.stdout
 
 
@@ -105,3 +115,27 @@ def test_full_size_shapes_match_the_released_models(name, branch_params):
         branch = BrushNetModel.from_unet(parts["unet"], load_weights_from_unet=False)
     assert sum(p.numel() for p in branch.parameters()) == pytest.approx(branch_params, rel=1e-4)
     assert sum(p.numel() for p in parts["unet"].parameters()) > 8e8
+
+
+def test_trainer_memory_reports_each_switch_of_a_real_trainer_process(tmp_path):
+    """``python -m train.tools.bench.trainer_memory``: one ``train fit`` process per switch; a switch that
+    fails is reported with its error and the command exits 1."""
+    out = tmp_path / "tm.json"
+    cmd = [sys.executable, "-m", "train.tools.bench.trainer_memory", "--config", "tiny", "--out", str(out)]
+    cmd += ["--variants", "fp32, AdamW", "bf16, checkpointing, AdamW8bit"]
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["variants"]
+    assert list(rows) == ["fp32, AdamW", "bf16, checkpointing, AdamW8bit"]
+    for r in rows.values():  # a Python process with torch and Lightning holds a few hundred MiB
+        assert 0.2 < r["peak_gib"] < 8 and r["last_step_s"] > 0
+    assert "| bf16, checkpointing, AdamW8bit |" in done.stdout and "| +0% |" in done.stdout
+
+
+def test_a_trainer_process_that_fails_is_reported_with_its_error_line(tmp_path):
+    from train.tools.bench.trainer_memory import markdown, measure
+
+    row = measure(tmp_path / "no_base", tmp_path / "no_shards", 32, tmp_path, "fp32, AdamW", 1)
+    assert row["error"].startswith("exit 2: ") and "no_base" in row["error"], row
+    table = markdown({"config": "tiny", "size": 32, "variants": {"fp32, AdamW": row}})
+    assert "| fp32, AdamW | failed: exit 2: " in table

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from train.tools.bench.trainer_memory import markdown as trainer_markdown
+
 GPU_SAMPLES_PER_S = (
     80  # the loader rate one GPU needs for the SD1.5 step at 512 px (issue goal: 40% MFU on H100)
 )
@@ -100,6 +102,8 @@ def markdown(result: dict) -> str:
                 f"Lightning loop iteration / bare PyTorch loop (fp32 AdamW, {lt['steps']} steps each, "
                 f"alternated): {lt['lightning_s']:.4f} / {lt['bare_s']:.4f} s = **{lt['ratio']:.3f}**",
             ]
+    for entry in result.get("trainer_memory", []):
+        out += ["", trainer_markdown(entry)]
     if "loader" in result:
         out += ["", "**Loader** (512 px, batch 2; official = the official collate on the main process)", ""]
         out += _table(

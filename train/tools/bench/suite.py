@@ -6,7 +6,9 @@ warm-up; figures that are compared are measured interleaved in the same run.
 
 ``--quick`` (``make bench QUICK=1``): tiny + small step, fewer repeats and samples (a few minutes on 2 CPU
 cores). ``--full`` adds the SD1.5 shape (512 px, bs 1; 10-16 GiB of memory on CPU) and, with
-``--configs sdxl``, the SDXL shape (1024 px; > 40 GiB).
+``--configs sdxl``, the SDXL shape (1024 px; > 40 GiB); for those shapes the ``trainer`` part also runs
+``brushnet-train fit`` once per memory switch and reports each process's peak memory
+(:mod:`train.tools.bench.trainer_memory`; ``--smoke`` runs one such process on the tiny shape).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from train.tools.bench.common import machine
 from train.tools.bench.report import markdown
 
-PARTS = ("steps", "overhead", "loader", "pipeline")
+PARTS = ("steps", "overhead", "trainer", "loader", "pipeline")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,6 +147,14 @@ def run(args: argparse.Namespace) -> dict:
     peak = {"fp32": mm["float32"]["flops"], "bf16": mm["bfloat16"]["flops"]}
     if "steps" not in args.skip or "overhead" not in args.skip:
         result["steps"] = run_steps(args.configs, cfg, peak, device, args.skip)
+    if "trainer" not in args.skip:
+        from train.tools.bench.models import FULL_ONLY
+        from train.tools.bench.trainer_memory import trainer_memory
+
+        shapes = [c for c in args.configs if c in FULL_ONLY]
+        result["trainer_memory"] = [trainer_memory(c) for c in shapes]
+        if mode == "smoke":
+            result["trainer_memory"].append(trainer_memory("tiny", variants=("bf16, AdamW8bit",)))
     if "loader" not in args.skip:
         from train.tools.bench.data import bench_loader
 
