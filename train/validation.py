@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -70,13 +71,33 @@ def _center_square(image: PIL.Image.Image, size: int, resample) -> PIL.Image.Ima
 PANELS = ("masked input", "mask", "output", "blended", "ground truth")
 
 
+def labelled_panels(
+    rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str], footers: Sequence[str], min_panel: int = 192
+) -> PIL.Image.Image:
+    """Rows of equally sized uint8 RGB panels under one bar of column ``labels``, each row with its footer line
+    below it, upscaled with nearest neighbour to at least ``min_panel`` px."""
+    from PIL import ImageDraw
+
+    height, width = rows[0][0].shape[:2]
+    scale, bar = max(1, -(-min_panel // height)), 18
+    panel_h, panel_w = height * scale, width * scale
+    grid = PIL.Image.new("RGB", (len(labels) * panel_w, bar + len(rows) * (panel_h + bar)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, label in enumerate(labels):
+        draw.text((i * panel_w + 4, 3), label, fill="black")
+    for r, (panels, footer) in enumerate(zip(rows, footers)):
+        row = np.concatenate(list(panels), axis=1).repeat(scale, axis=0).repeat(scale, axis=1)
+        top = bar + r * (panel_h + bar)
+        grid.paste(PIL.Image.fromarray(row), (0, top))
+        draw.text((4, top + panel_h + 3), footer, fill="black")
+    return grid
+
+
 def validation_grid(
     image, mask, output, caption: str = "", step: int | None = None, min_panel: int = 192
 ) -> PIL.Image.Image:
     """masked input | mask | output | blended | ground truth, side by side under their labels, upscaled with
     nearest neighbour to at least ``min_panel`` px, with the caption and the step written below."""
-    from PIL import ImageDraw
-
     from brushnet.masks import blurred_blend
 
     rgb = np.asarray(image.convert("RGB"))
@@ -84,19 +105,9 @@ def validation_grid(
     out = np.asarray(output.convert("RGB").resize(image.size))
     masked = rgb * (~inpaint)[..., None].astype(np.uint8)
     mask_rgb = np.repeat((inpaint * 255).astype(np.uint8)[..., None], 3, -1)
-    blended = blurred_blend(rgb, out, inpaint)
-    row = np.concatenate([masked, mask_rgb, out, blended, rgb], axis=1)
-    scale = max(1, -(-min_panel // rgb.shape[0]))
-    row = row.repeat(scale, axis=0).repeat(scale, axis=1)
-    panel_w, bar = rgb.shape[1] * scale, 18
-    grid = PIL.Image.new("RGB", (row.shape[1], row.shape[0] + 2 * bar), "white")
-    grid.paste(PIL.Image.fromarray(row), (0, bar))
-    draw = ImageDraw.Draw(grid)
-    for i, label in enumerate(PANELS):
-        draw.text((i * panel_w + 4, 3), label, fill="black")
     footer = caption if step is None else f"{caption}  (step {step})"
-    draw.text((4, row.shape[0] + bar + 3), footer, fill="black")
-    return grid
+    panels = [masked, mask_rgb, out, blurred_blend(rgb, out, inpaint), rgb]
+    return labelled_panels([panels], PANELS, [footer], min_panel)
 
 
 def bounded_barrier(key: str, rank: int, world_size: int, timeout_s: float) -> None:

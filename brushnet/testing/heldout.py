@@ -105,11 +105,13 @@ def compare_branches(
     cases: list[HeldOutCase],
     steps: int = 10,
     seed: int = 0,
+    outputs: dict[str, list[np.ndarray]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Hole scores of ``base alone`` (the first branch at conditioning scale 0: the same pipeline with no
     branch residuals) and of every branch at scale 1, all with the same seeds. The outputs are scored before
     blending: blending leaves the hole as generated, so the hole scores are those of the blended output, and
-    the kept-region scores show how well the output itself follows the input."""
+    the kept-region scores show how well the output itself follows the input. ``outputs``, when given, gets
+    each variant's unblended outputs (uint8 HxWx3, one per case)."""
     from brushnet.loading import load_brushnet
     from brushnet.pipeline import BrushNetInpaintPipeline
 
@@ -120,12 +122,15 @@ def compare_branches(
         if pipe is None:
             pipe = BrushNetInpaintPipeline.from_base(base, model)
             pipe.set_progress_bar_config(disable=True)
-            results["base alone"] = hole_scores(
-                inpaint_cases(pipe, cases, 0.0, steps, seed, blend=False), cases
-            )
+            runs = [("base alone", 0.0)]
         else:
             pipe.register_modules(brushnet=model.eval())
-        results[name] = hole_scores(inpaint_cases(pipe, cases, 1.0, steps, seed, blend=False), cases)
+            runs = []
+        for variant, scale in [*runs, (name, 1.0)]:
+            images = inpaint_cases(pipe, cases, scale, steps, seed, blend=False)
+            results[variant] = hole_scores(images, cases)
+            if outputs is not None:
+                outputs[variant] = images
     return results
 
 

@@ -14,7 +14,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from train.tools.demo import choose_run
+from brushnet.masks import blurred_blend
+from brushnet.testing.heldout import HeldOutCase
+from train.tools.demo import choose_run, comparison_figure
 from train.validation import validation_grid
 
 # Held-out masked-region PSNR gain of base + trained branch over the base alone (same pipeline and seeds,
@@ -69,6 +71,37 @@ def test_validation_grid_shows_five_labelled_upscaled_panels():
     assert (grid[:bar] < 128).any() and (grid[-bar:] < 128).any()  # labels and caption are drawn
 
 
+def test_comparison_figure_rows_are_cases_columns_base_alone_and_trained_blended():
+    rng = np.random.default_rng(0)
+    hole = np.zeros((32, 32), bool)
+    hole[4:20, 10:30] = True
+    cases = [
+        HeldOutCase(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), hole, f"photo {i}") for i in range(5)
+    ]
+    outputs = {
+        v: [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in cases]
+        for v in ("base alone", "trained branch")
+    }
+    figure = np.asarray(
+        comparison_figure([("held-out", cases, outputs), ("training photo", cases[:2], outputs)])
+    )
+    scale, bar = 4, 18  # 32 px panels to >= 128 px; one label bar, a caption bar under every row
+    rows = 4 + 2  # at most 4 cases per set
+    assert figure.shape == (bar + rows * (32 * scale + bar), 4 * 32 * scale, 3)
+    top = bar + 1 * (32 * scale + bar)  # the second row: held-out case 1
+    panels = figure[top : top + 32 * scale].reshape(32 * scale, 4, 32 * scale, 3).transpose(1, 0, 2, 3)
+
+    def up(a: np.ndarray) -> np.ndarray:
+        return a.repeat(scale, 0).repeat(scale, 1)
+
+    assert np.array_equal(panels[0], up(cases[1].image * (~hole)[..., None].astype(np.uint8)))
+    assert np.array_equal(panels[1], up(blurred_blend(cases[1].image, outputs["base alone"][1], hole)))
+    assert np.array_equal(panels[2], up(blurred_blend(cases[1].image, outputs["trained branch"][1], hole)))
+    assert np.array_equal(panels[3], up(cases[1].image))
+    caption = figure[top + 32 * scale : top + 32 * scale + bar]
+    assert (caption < 128).any()  # "held-out: photo 1" is written under its row
+
+
 def _printed_command(stdout: str, heading: str) -> str:
     lines = stdout.splitlines()
     return lines[lines.index(heading) + 1].strip()
@@ -92,6 +125,9 @@ def test_demo_branch_beats_base_alone_on_held_out_photos_and_resumes(tmp_path):
     assert "trained - base alone" in done.stdout
     grid = PIL.Image.open(next(run.glob("logs/*/validation/step-00001000/00.png")))
     assert grid.width >= 5 * 192  # five panels, upscaled
+    # 4 held-out + 4 training-photo cases, 4 panels of 64 px upscaled to 128, label and caption bars
+    assert PIL.Image.open(run / "comparison.png").size == (4 * 128, 18 + 8 * (128 + 18))
+    assert f"comparison       : {run / 'comparison.png'}" in done.stdout
 
     inpaint = _printed_command(done.stdout, "inpaint a held-out crop (seconds):")
     start = time.perf_counter()

@@ -220,10 +220,19 @@ def evaluate_run(run: Path, base: str, export: Path, cases: int, steps: int, res
     if (export / "brushnet_ema").is_dir():
         branches["trained branch (EMA)"] = export / "brushnet_ema"
     branches["untrained branch"] = untrained_branch(base)
-    scores = compare_branches(base, branches, held_out_cases(n=cases, size=resolution), steps=steps)
+    held_out = held_out_cases(n=cases, size=resolution)
+    held_out_outputs: dict[str, list[np.ndarray]] = {}
+    scores = compare_branches(base, branches, held_out, steps=steps, outputs=held_out_outputs)
     # the photos the data set was cut from, other random crops and holes (seed 1)
     seen = held_out_cases(n=cases, size=resolution, seed=1, photos=TRAIN_PHOTOS)
-    seen_scores = compare_branches(base, {"trained branch": export / "brushnet"}, seen, steps=steps)
+    seen_outputs: dict[str, list[np.ndarray]] = {}
+    trained = {"trained branch": export / "brushnet"}
+    seen_scores = compare_branches(base, trained, seen, steps=steps, outputs=seen_outputs)
+    figure = comparison_figure(
+        [("held-out", held_out, held_out_outputs), ("training photo", seen, seen_outputs)]
+    )
+    figure.save(run / "comparison.tmp.png")
+    (run / "comparison.tmp.png").replace(run / "comparison.png")
     results = {
         "export": str(export),
         "held_out_photos": list(HELD_OUT_PHOTOS),
@@ -242,6 +251,25 @@ def evaluate_run(run: Path, base: str, export: Path, cases: int, steps: int, res
     return results
 
 
+COMPARISON = ("masked input", "base alone", "trained branch", "ground truth")
+
+
+def comparison_figure(sets: list[tuple[str, list, dict[str, list[np.ndarray]]]], per_set: int = 4):
+    """``<run>/comparison.png``: for the first ``per_set`` cases of each (name, cases, outputs) set, the masked
+    input, the base alone and the trained branch (both blended as the pipeline blends) and the ground truth."""
+    from brushnet.masks import blurred_blend
+    from train.validation import labelled_panels
+
+    rows, footers = [], []
+    for name, cases, outputs in sets:
+        for i, case in enumerate(cases[:per_set]):
+            masked = case.image * (~case.hole)[..., None].astype(np.uint8)
+            fills = [blurred_blend(case.image, outputs[v][i], case.hole) for v in COMPARISON[1:3]]
+            rows.append([masked, *fills, case.image])
+            footers.append(f"{name}: {case.caption}")
+    return labelled_panels(rows, COMPARISON, footers, min_panel=128)
+
+
 def _print_summary(
     run: Path, base: str, export: Path | None, results: dict | None, cmd: list[str], took: float
 ):
@@ -253,6 +281,8 @@ def _print_summary(
     print(
         f"validation grids : {grids[-1] if grids else 'none'} (masked input | mask | output | blended | truth)"
     )
+    if (run / "comparison.png").is_file():
+        print(f"comparison       : {run / 'comparison.png'} (masked input | base alone | trained | truth)")
     if results:
         print(
             f"held-out inpainting, {results['cases']} crops of {', '.join(results['held_out_photos'])} "
