@@ -1,6 +1,6 @@
 """Peak RSS of ``brushnet-train fit`` itself: one trainer process per memory switch, as a user runs it.
 
-    python -m train.tools.bench.trainer_memory [--config sd15] [--steps 2] [--out trainer_memory.json]
+    python -m train.tools.bench.trainer_memory [--config sd15] [--steps 3] [--out trainer_memory.json]
 
 The step benchmark counts live tensors inside one process; this is what the operating system sees (and what an
 out-of-memory kill acts on): the base loaded from a diffusers folder with its frozen weights in the training
@@ -94,7 +94,7 @@ def measure(base: Path, shards: Path, size: int, work: Path, variant: str, steps
     return {"peak_gib": max(memory), "last_step_s": 1.0 / rates[-1], "steps": steps}
 
 
-def trainer_memory(name: str, steps: int = 2, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
+def trainer_memory(name: str, steps: int = 3, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
     """Every variant on the shape ``name`` (``tiny`` for tests, ``sd15`` for the README's numbers)."""
     from train.tools.bench.models import SHAPES
     from train.tools.demo import write_demo_shards
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m train.tools.bench.trainer_memory", description=__doc__)
     parser.add_argument("--config", choices=sorted(SHAPES), default="sd15")
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
