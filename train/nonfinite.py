@@ -93,7 +93,7 @@ class NonFiniteSteps:
             checks.append(torch.stack(torch._foreach_norm(grads)).isfinite().all())
         bad = (~torch.stack(checks).all()).float() if checks else torch.zeros((), device=device)
         if reduce is not None:
-            bad = reduce(bad.reshape(1), reduce_op="sum")
+            bad = reduce(bad, reduce_op="sum")
         if not float(bad.sum()):
             self.consecutive_skips = 0
             return

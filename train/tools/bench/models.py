@@ -61,7 +61,7 @@ class Shape:
 SHAPES = {
     "tiny": Shape("sd15", 32, 2, "< 1 GiB"),
     "small": Shape("sd15", 128, 2, "< 2 GiB"),
-    "sd15": Shape("sd15", 512, 1, "10-16 GiB (bf16 + checkpointing + AdamW8bit: 10.6 GiB RSS)"),
+    "sd15": Shape("sd15", 512, 1, "10-16 GiB RSS (bf16 + checkpointing + AdamW8bit: 10.1 GiB)"),
     "sdxl": Shape("sdxl", 1024, 1, "> 40 GiB: needs a large-memory machine or a GPU"),
 }
 FULL_ONLY = ("sd15", "sdxl")
