@@ -70,10 +70,10 @@ class TrainingMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args: Any
     ) -> None:
         self._samples += batch["pixel_values"].shape[0]
-        step = trainer.global_step
+        step, every = trainer.global_step, trainer.log_every_n_steps
         assert self._clock is not None
-        if step == self._clock[0] or step % trainer.log_every_n_steps:
-            return  # mid accumulation window, or not a logged step
+        if not every or step == self._clock[0] or step % every:
+            return  # logging off, mid accumulation window, or not a logged step
         now = self._now(pl_module.device)
         rate = self._samples / max(now - self._clock[1], 1e-9)
         self._clock, self._samples = (step, now), 0
