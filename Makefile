@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint format demo data slurm-check bench ablations clean
+.PHONY: install test test-slow test-all lint format demo data slurm-check bench gpu-check ablations clean
 
 install: $(STAMP)
 
@@ -79,6 +79,11 @@ FULL ?=
 BENCH_OUT ?= bench.json
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m train.tools.bench $(if $(QUICK),--quick) $(if $(FULL),--full) --out $(BENCH_OUT)
+
+# `make gpu-check`: the CUDA checks as one command (python -m train.tools.bench.gpu -h): SD1.5 / SDXL step
+# time, samples/s and MFU with fused AdamW, AdamW8bit and torch.compile, then brushnet-train on the device.
+gpu-check: install
+	HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 $(BIN)/python -m train.tools.bench.gpu --compile --out gpu.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

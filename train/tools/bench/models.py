@@ -106,11 +106,14 @@ def build_module(root: Path, name: str) -> BrushNetTrainingModule:
     return module
 
 
-def make_batch(module: BrushNetTrainingModule, name: str, device: torch.device) -> dict:
-    """A loader-style batch (uint8 image and keep-mask) of the shape's size, on ``device``."""
+def make_batch(
+    module: BrushNetTrainingModule, name: str, device: torch.device, batch_size: int | None = None
+) -> dict:
+    """A loader-style batch (uint8 image and keep-mask) of the shape's size (and batch, unless given), on
+    ``device``."""
     shape = SHAPES[name]
     g = torch.Generator().manual_seed(0)
-    b, s = shape.batch, shape.size
+    b, s = batch_size or shape.batch, shape.size
     ids = module.tokenizer(
         ["a photo"] * b, padding="max_length", max_length=77, return_tensors="pt"
     ).input_ids

@@ -91,7 +91,14 @@ def measure(base: Path, shards: Path, size: int, work: Path, variant: str, steps
         rows = list(csv.DictReader(f))
     memory = [float(r["train/peak_mem_gb"]) for r in rows if r.get("train/peak_mem_gb")]
     rates = [float(r["train/device/samples_per_sec"]) for r in rows if r.get("train/device/samples_per_sec")]
-    return {"peak_gib": max(memory), "last_step_s": 1.0 / rates[-1], "steps": steps}
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    return {
+        "peak_gib": max(memory),
+        "last_step_s": 1.0 / rates[-1],
+        "steps": steps,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
 
 
 def trainer_memory(name: str, steps: int = 3, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
