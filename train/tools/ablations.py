@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.index:
         data_args = ["--data.index", str(Path(args.index).resolve())]
     else:
-        from train.tools.demo import build_data
+        from train.tools.demo_data import build_data
 
         data_args = build_data(out / "data")
     if "--data.index" in data_args:

@@ -26,7 +26,7 @@ from brushnet.atomic import atomic_write_text, save_image_atomic
 from brushnet.conditioning import load_caption_tokenizers
 from brushnet.testing.heldout import held_out_cases
 from train.module import BrushNetTrainingModule
-from train.tools.demo import build_data
+from train.tools.demo_data import build_data
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ("sd3", "flux")

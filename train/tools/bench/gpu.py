@@ -91,7 +91,7 @@ def trainer_check(steps: int) -> dict:
     """``brushnet-train fit`` on the shipped tiny photo base, bf16-mixed + AdamW8bit, on this device."""
     from brushnet.testing.tiny_base import pretrained_tiny_base
     from train.tools.bench.trainer_memory import measure
-    from train.tools.demo import write_demo_shards
+    from train.tools.demo_data import write_demo_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -104,7 +104,7 @@ def measure(base: Path, shards: Path, size: int, work: Path, variant: str, steps
 def trainer_memory(name: str, steps: int = 3, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
     """Every variant on the shape ``name`` (``tiny`` for tests, ``sd15`` for the README's numbers)."""
     from train.tools.bench.models import SHAPES
-    from train.tools.demo import write_demo_shards
+    from train.tools.demo_data import write_demo_shards
 
     size = SHAPES[name].size
     with tempfile.TemporaryDirectory() as tmp:
