@@ -144,7 +144,7 @@ def evaluate_run(run: Path, base: str, export: Path, cases: int, steps: int, res
     """Hole (and kept-region) scores of the trained branch (and EMA) vs base alone and the untrained branch:
     on crops of the held-out photos (the test of generalisation), and on new crops and holes of the training
     photos (what the branch does where the tiny base knows what to draw)."""
-    from brushnet.atomic import atomic_write_text
+    from brushnet.atomic import atomic_write_text, save_image_atomic
     from brushnet.testing.heldout import compare_branches, held_out_cases, untrained_branch
     from brushnet.testing.photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS
 
@@ -163,8 +163,7 @@ def evaluate_run(run: Path, base: str, export: Path, cases: int, steps: int, res
     figure = comparison_figure(
         [("held-out", held_out, held_out_outputs), ("training photo", seen, seen_outputs)]
     )
-    figure.save(run / "comparison.tmp.png")
-    (run / "comparison.tmp.png").replace(run / "comparison.png")
+    save_image_atomic(figure, run / "comparison.png")
     results = {
         "export": str(export),
         "held_out_photos": list(HELD_OUT_PHOTOS),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def datasheet_peak(name: str) -> float | None:
 def step_rows(name: str, batch_size: int, steps: int, compile_: bool, device: torch.device) -> list[dict]:
     """s/step, samples/s, MFU and peak memory of the bf16 step of shape ``name`` per optimizer variant."""
     from train.optim import build_optimizer
-    from train.tools.bench.limits import sync
+    from train.tools.bench.common import median
     from train.tools.bench.models import build_module, make_batch
     from train.tools.bench.step import set_variant, step_flops, train_step
 
@@ -64,10 +63,9 @@ def step_rows(name: str, batch_size: int, steps: int, compile_: bool, device: to
             times = []
             for _ in range(steps):
                 start = time.perf_counter()
-                train_step(module, batch, opt, "bf16")
-                sync(device)
+                train_step(module, batch, opt, "bf16")  # synchronises the device at its end
                 times.append(time.perf_counter() - start)
-            s = statistics.median(times)
+            s = median(times)
             row = {
                 "config": name,
                 "batch": batch_size,
