@@ -72,6 +72,31 @@ def hole_scores(outputs: list[np.ndarray], cases: list[HeldOutCase]) -> dict[str
     return {"psnr_db": _psnr(mse), "mse": mse, "kept_psnr_db": _psnr(kept), "kept_mse": kept}
 
 
+def classical_fills(cases: list[HeldOutCase]) -> dict[str, list[np.ndarray]]:
+    """Deterministic fills without any model, the reference a generative fill is read against: the mean
+    colour of the kept region, and biharmonic interpolation from the hole's border (``skimage.restoration``)."""
+    from skimage.restoration import inpaint_biharmonic
+
+    mean_fill, biharmonic = [], []
+    for case in cases:
+        filled = case.image.copy()
+        filled[case.hole] = case.image[~case.hole].mean(0).round().astype(np.uint8)
+        mean_fill.append(filled)
+        smooth = inpaint_biharmonic(case.image.astype(np.float64) / 255.0, case.hole, channel_axis=-1)
+        biharmonic.append((smooth * 255.0).round().clip(0, 255).astype(np.uint8))
+    return {"mean colour": mean_fill, "biharmonic": biharmonic}
+
+
+def mean_of_samples(samples: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per case, the average of several samples (uint8): an estimate of the posterior mean. A single sample's
+    expected squared error is that of the posterior mean plus the posterior variance (twice it for a perfect
+    sampler), so the average, not one sample, is what compares with a deterministic fill's PSNR."""
+    return [
+        np.mean([s[i].astype(np.float64) for s in samples], 0).round().astype(np.uint8)
+        for i in range(len(samples[0]))
+    ]
+
+
 def inpaint_cases(
     pipe,
     cases: list[HeldOutCase],
@@ -106,12 +131,15 @@ def compare_branches(
     steps: int = 10,
     seed: int = 0,
     outputs: dict[str, list[np.ndarray]] | None = None,
+    samples: int = 1,
 ) -> dict[str, dict[str, float]]:
     """Hole scores of ``base alone`` (the first branch at conditioning scale 0: the same pipeline with no
     branch residuals) and of every branch at scale 1, all with the same seeds. The outputs are scored before
     blending: blending leaves the hole as generated, so the hole scores are those of the blended output, and
     the kept-region scores show how well the output itself follows the input. ``outputs``, when given, gets
-    each variant's unblended outputs (uint8 HxWx3, one per case)."""
+    each variant's unblended outputs (uint8 HxWx3, one per case). With ``samples`` > 1 each case is also
+    sampled with ``samples - 1`` more seeds and the scores get ``mean_of_samples_psnr_db`` / ``_mse``: those of
+    the per-case average (:func:`mean_of_samples`)."""
     from brushnet.loading import load_brushnet
     from brushnet.pipeline import BrushNetInpaintPipeline
 
@@ -129,6 +157,14 @@ def compare_branches(
         for variant, scale in [*runs, (name, 1.0)]:
             images = inpaint_cases(pipe, cases, scale, steps, seed, blend=False)
             results[variant] = hole_scores(images, cases)
+            if samples > 1:
+                more = [
+                    inpaint_cases(pipe, cases, scale, steps, seed + 1000 * k, blend=False)
+                    for k in range(1, samples)
+                ]
+                averaged = hole_scores(mean_of_samples([images, *more]), cases)
+                results[variant]["mean_of_samples_psnr_db"] = averaged["psnr_db"]
+                results[variant]["mean_of_samples_mse"] = averaged["mse"]
             if outputs is not None:
                 outputs[variant] = images
     return results

@@ -24,6 +24,8 @@ from train.validation import validation_grid
 # margins are about half the gains measured, so a trainer that stopped learning fails them.
 MIN_GAIN_DB = 0.4
 MIN_KEPT_GAIN_DB = 1.0  # the output (before blending) reproduces the kept region the branch is shown
+# On new crops of the training photos the average of 2 samples scored 17.15 dB in the hole, biharmonic
+# interpolation 15.53 dB; on held-out photos both are below it (README): that is not asserted.
 
 
 def _demo(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -110,7 +112,7 @@ def _printed_command(stdout: str, heading: str) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # demo + inpaint + 100 more steps: 224 s measured on a shared 2-core machine
 def test_demo_branch_beats_base_alone_on_held_out_photos_and_resumes(tmp_path):
-    done = _demo("--out", str(tmp_path))
+    done = _demo("--out", str(tmp_path), "--eval-samples", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "001"
     results = json.loads((run / "results.json").read_text())
@@ -120,6 +122,10 @@ def test_demo_branch_beats_base_alone_on_held_out_photos_and_resumes(tmp_path):
     kept_gain = scores["trained branch"]["kept_psnr_db"] - scores["base alone"]["kept_psnr_db"]
     assert kept_gain > MIN_KEPT_GAIN_DB, scores
     assert results["training_photos_psnr_gain_db_vs_base_alone"] > MIN_GAIN_DB, results
+    # where the base knows the photos, the average of 2 samples beats interpolation without a model
+    seen, fills = results["training_photos_scores"]["trained branch"], results["classical_fills"]
+    assert seen["mean_of_samples_psnr_db"] > fills["training_photos"]["biharmonic"] + MIN_GAIN_DB, results
+    assert "hole PSNR of fills without a model" in done.stdout
     # zero-initialised output convolutions: the untrained branch adds nothing to the base
     assert abs(scores["untrained branch"]["psnr_db"] - scores["base alone"]["psnr_db"]) < 0.05, scores
     assert "trained - base alone" in done.stdout

@@ -140,12 +140,22 @@ def newest_export(run: Path) -> Path | None:
     return exports[-1].parent if exports else None
 
 
-def evaluate_run(run: Path, base: str, export: Path, cases: int, steps: int, resolution: int) -> dict:
+def evaluate_run(
+    run: Path, base: str, export: Path, cases: int, steps: int, resolution: int, samples: int = 1
+) -> dict:
     """Hole (and kept-region) scores of the trained branch (and EMA) vs base alone and the untrained branch:
     on crops of the held-out photos (the test of generalisation), and on new crops and holes of the training
-    photos (what the branch does where the tiny base knows what to draw)."""
+    photos (what the branch does where the tiny base knows what to draw). Next to them, the scores of two
+    fills without a model (:func:`~brushnet.testing.heldout.classical_fills`) and, with ``samples`` > 1, of the
+    average of that many samples per case."""
     from brushnet.atomic import atomic_write_text, save_image_atomic
-    from brushnet.testing.heldout import compare_branches, held_out_cases, untrained_branch
+    from brushnet.testing.heldout import (
+        classical_fills,
+        compare_branches,
+        held_out_cases,
+        hole_scores,
+        untrained_branch,
+    )
     from brushnet.testing.photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS
 
     branches = {"trained branch": export / "brushnet"}
@@ -154,12 +164,14 @@ def evaluate_run(run: Path, base: str, export: Path, cases: int, steps: int, res
     branches["untrained branch"] = untrained_branch(base)
     held_out = held_out_cases(n=cases, size=resolution)
     held_out_outputs: dict[str, list[np.ndarray]] = {}
-    scores = compare_branches(base, branches, held_out, steps=steps, outputs=held_out_outputs)
+    scores = compare_branches(
+        base, branches, held_out, steps=steps, outputs=held_out_outputs, samples=samples
+    )
     # the photos the data set was cut from, other random crops and holes (seed 1)
     seen = held_out_cases(n=cases, size=resolution, seed=1, photos=TRAIN_PHOTOS)
     seen_outputs: dict[str, list[np.ndarray]] = {}
     trained = {"trained branch": export / "brushnet"}
-    seen_scores = compare_branches(base, trained, seen, steps=steps, outputs=seen_outputs)
+    seen_scores = compare_branches(base, trained, seen, steps=steps, outputs=seen_outputs, samples=samples)
     figure = comparison_figure(
         [("held-out", held_out, held_out_outputs), ("training photo", seen, seen_outputs)]
     )
@@ -177,6 +189,12 @@ def evaluate_run(run: Path, base: str, export: Path, cases: int, steps: int, res
         "training_photos_scores": seen_scores,
         "training_photos_psnr_gain_db_vs_base_alone": seen_scores["trained branch"]["psnr_db"]
         - seen_scores["base alone"]["psnr_db"],
+        "samples_per_case": samples,
+        "classical_fills": {
+            group: {name: hole_scores(images, group_cases)["psnr_db"] for name, images in fills.items()}
+            for group, group_cases in (("held_out", held_out), ("training_photos", seen))
+            for fills in [classical_fills(group_cases)]
+        },
     }
     atomic_write_text(run / "results.json", json.dumps(results, indent=2) + "\n")
     return results
@@ -199,6 +217,24 @@ def comparison_figure(sets: list[tuple[str, list, dict[str, list[np.ndarray]]]],
             rows.append([masked, *fills, case.image])
             footers.append(f"{name}: {case.caption}")
     return labelled_panels(rows, COMPARISON, footers, min_panel=128)
+
+
+def _reference_line(results: dict) -> str:
+    """The fills without a model (and the averaged samples, when scored) next to which to read the numbers."""
+    fills = results["classical_fills"]
+    parts = [
+        f"{group.replace('_', ' ')}: " + ", ".join(f"{name} {db:.2f} dB" for name, db in fills[group].items())
+        for group in ("held_out", "training_photos")
+    ]
+    line = "hole PSNR of fills without a model, " + "; ".join(parts)
+    k = results.get("samples_per_case", 1)
+    if k > 1:
+        held, seen = results["scores"]["trained branch"], results["training_photos_scores"]["trained branch"]
+        line += (
+            f"\ntrained branch, average of {k} samples per case (comparable with those fills): held-out "
+            f"{held['mean_of_samples_psnr_db']:.2f} dB, training photos {seen['mean_of_samples_psnr_db']:.2f} dB"
+        )
+    return line
 
 
 def _print_summary(
@@ -235,6 +271,7 @@ def _print_summary(
             f"{seen['base alone']['psnr_db']:.2f} dB, trained branch {seen['trained branch']['psnr_db']:.2f} dB "
             f"({results['training_photos_psnr_gain_db_vs_base_alone']:+.2f} dB)"
         )
+        print(_reference_line(results))
     steps = int(export.name.split("-")[1]) if export else 0
     print(f"train 100 more steps:\n  {shlex.join([*cmd, f'--trainer.max_steps={steps + 100}'])}")
     if export:
@@ -297,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-cases", type=int, default=None, help="held-out crops to score (default 16; 0 with --base)"
     )
     parser.add_argument("--eval-steps", type=int, default=10, help="sampling steps per held-out crop")
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=1,
+        help="samples per crop; >1 also scores their average, comparable with deterministic fills",
+    )
     parser.add_argument("extra", nargs="*", help="more LightningCLI arguments, e.g. --trainer.max_steps=50")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -338,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = args.eval_cases if args.eval_cases is not None else (0 if args.base else 16)
     results = None
     if export and cases > 0:
-        results = evaluate_run(run, base, export, cases, args.eval_steps, resolution)
+        results = evaluate_run(run, base, export, cases, args.eval_steps, resolution, args.eval_samples)
     _print_summary(run, base, export, results, cmd, time.perf_counter() - start)
     return 0
 
