@@ -46,12 +46,14 @@ format: install
 # grids, held-out inpainting numbers. Each run gets demo/runs/NNN (an unfinished one is resumed; nothing is
 # deleted). `make demo BASE=<hub id or folder>` trains the same way on a real base model;
 # DEMO_ARGS="--new --steps 500" passes more options (python -m train.tools.demo --help).
-# `make demo FAMILY=sd3|flux`: the same on a tiny random SD3 / Flux base (python -m train.tools.demo_dit --help).
+# `make demo FAMILY=sdxl`: the same on the shipped SDXL-layout tiny photo base (runs in demo/sdxl);
+# `make demo FAMILY=sd3|flux`: on a tiny random SD3 / Flux base (python -m train.tools.demo_dit --help).
 BASE ?=
 DEMO_ARGS ?=
 FAMILY ?=
 demo: install
-	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python -m $(if $(FAMILY),train.tools.demo_dit --family $(FAMILY),train.tools.demo $(if $(BASE),--base $(BASE))) $(DEMO_ARGS)
+	$(if $(filter-out sdxl sd3 flux,$(FAMILY)),$(error FAMILY=$(FAMILY): expected sdxl, sd3 or flux (or none: SD 1.5)))
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python -m $(if $(filter sd3 flux,$(FAMILY)),train.tools.demo_dit --family $(FAMILY),train.tools.demo $(if $(filter sdxl,$(FAMILY)),--tiny sdxl) $(if $(BASE),--base $(BASE))) $(DEMO_ARGS)
 
 # `make ablations`: the paper's ablations (configs/ablations/) trained and evaluated on the tiny photo base,
 # 3 seeds each, resumable; ABLATION_ARGS="--steps 600 --seeds 0,1,2,3,4" etc. (python -m train.tools.ablations -h)

@@ -18,10 +18,11 @@ LOSS_TIMESTEPS = (50, 150, 300, 450, 600, 750, 900)
 def sample_images(
     folder: str | os.PathLike, n: int = 8, steps: int = 20, seed: int = 0, size: int = 64
 ) -> np.ndarray:
-    """``n`` unconditional (empty-prompt) samples of a base, float NCHW in [-1, 1] (DDIM, ``steps`` steps)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """``n`` unconditional (empty-prompt) samples of a base, float NCHW in [-1, 1] (DDIM, ``steps`` steps):
+    SD 1.5 or SDXL, whichever pipeline ``model_index.json`` names."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(
@@ -66,19 +67,33 @@ def evaluate(folder: str | os.PathLike, size: int = 64) -> dict:
 def unet_held_out_loss(folder: str | os.PathLike, n: int = 64, seed: int = 0, size: int = 64) -> float:
     """Mean noise-prediction MSE of the UNet on held-out crops (VAE posterior means, empty prompt), over
     :data:`LOSS_TIMESTEPS` with fixed noise: how well the diffusion model knows photos it never saw."""
+    from brushnet.conditioning import CaptionTokenizers, sdxl_time_ids, text_conditioning
     from brushnet.loading import load_base_components
 
     parts = load_base_components(folder)
     vae, unet, scheduler = parts.vae.eval(), parts.unet.eval(), parts.scheduler
     x = PhotoCrops(HELD_OUT_PHOTOS, size).sample(n, np.random.default_rng(seed))[0]
     latents = vae.encode(torch.from_numpy(x)).latent_dist.mean * vae.config.scaling_factor
-    ids = parts.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    empty = parts.text_encoder.eval()(ids)[0].expand(n, -1, -1)
+    tokens = CaptionTokenizers(parts.tokenizer, parts.tokenizer_2)([""] * n)
+    # SDXL: the pipeline's default micro-conditioning at this size (original = target, corner 0, 0)
+    time_ids = sdxl_time_ids(
+        torch.tensor([[size, size]] * n), torch.zeros(n, 2, dtype=torch.int64), (size, size)
+    )
+    cond = text_conditioning(
+        parts.text_encoder.eval(),
+        tokens,
+        parts.text_encoder_2,
+        time_ids=time_ids if parts.is_sdxl else None,
+        dtype=torch.float32,
+    )
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for t in LOSS_TIMESTEPS:
         noise = torch.randn(latents.shape, generator=gen)
         timesteps = torch.full((n,), t)
-        pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, empty).sample
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        pred = unet(
+            noisy, timesteps, cond.encoder_hidden_states, added_cond_kwargs=cond.added_cond_kwargs
+        ).sample
         losses.append(float(((pred - noise) ** 2).mean()))
     return float(np.mean(losses))

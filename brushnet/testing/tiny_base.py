@@ -1,4 +1,4 @@
-"""A tiny SD 1.5-layout base that really generates: VAE + UNet trained on CPU on real photographs.
+"""Tiny SD 1.5- and SDXL-layout bases that really generate: VAE + UNet trained on CPU on real photographs.
 
 ``python -m brushnet.testing.tiny_base pretrain --out DIR`` trains, from random crops of the training photos of
 :mod:`brushnet.testing.photos` (flips, several scales):
@@ -9,10 +9,14 @@
    BPE tokenizer, random frozen weights as in :mod:`brushnet.testing.tiny`), 10 % empty captions;
 3. more decoder steps with the encoder frozen (sharper reconstructions; the latents, hence the UNet, unchanged);
 
-and saves a normal diffusers ``StableDiffusionPipeline`` folder plus ``recipe.json`` (seed, settings, timings
-and the quality numbers of :func:`evaluate`), weights stored in fp16 (loaded as fp32). The folder made with the
-default recipe (seed 0, one torch thread: on a busy 2-core machine one thread ran 7x faster than two) is shipped
-in ``brushnet/testing/assets/``; :func:`pretrained_tiny_base` returns its path.
+and saves a normal diffusers ``StableDiffusionPipeline`` folder plus ``recipe.json`` (seed, settings, timings,
+the UNet's loss every 100 steps and the quality numbers of :func:`evaluate`), weights stored in fp16 (loaded
+as fp32). ``--layout sdxl --vae-from <SD 1.5 tiny base>`` makes a ``StableDiffusionXLPipeline`` instead: SDXL's
+block pattern and micro-conditioning, a second (projecting) text encoder, the given base's VAE reused (stages 1
+and 3 skipped). The folders made with the default recipe (seed 0, one torch thread: on a busy 2-core machine
+one thread ran 7x faster than two) and with ``--layout sdxl`` from it are shipped in
+``brushnet/testing/assets/``; :func:`pretrained_tiny_base` returns their paths. ``verify FOLDER`` reruns the
+first UNet steps of a folder's recorded recipe and compares the losses.
 """
 
 from __future__ import annotations
@@ -24,193 +28,26 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from brushnet.testing.base_quality import evaluate
 from brushnet.testing.photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops
+from brushnet.testing.tiny_base_stages import (
+    LAYOUTS,
+    TEXT_HIDDEN,
+    Recipe,
+    finetune_decoder,
+    train_unet,
+    train_vae,
+    unet_config,
+)
 
 ASSET = Path(__file__).parent / "assets" / "tiny_sd15_photos"
-TEXT_HIDDEN = 32
-
-
-@dataclass
-class Recipe:
-    """Everything that decides the trained base (``recipe.json`` records it)."""
-
-    seed: int = 0
-    size: int = 64
-    threads: int = 1
-    vae_steps: int = 600
-    vae_batch: int = 8
-    vae_lr: float = 2e-3
-    kl_weight: float = 1e-6
-    latent_crops: int = 16384
-    unet_steps: int = 4000
-    unet_batch: int = 32
-    unet_lr: float = 2e-3
-    ema_decay: float = 0.99
-    empty_prompt_prob: float = 0.1
-    decoder_steps: int = 1000
-    decoder_lr: float = 5e-4
-
-
-def vae_config(size: int) -> dict:
-    """x4 VAE (3 levels): at 64 px a x8 VAE's 8 x 8 latents cannot hold a recognisable photo crop."""
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=size,
-    )
-
-
-def unet_config(size: int) -> dict:
-    """SD 1.5's block pattern (cross-attention down blocks, plain innermost down block) at tiny widths."""
-    return dict(
-        sample_size=size // 4,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-
-
-def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    with torch.no_grad():
-        torch._foreach_lerp_(ema, params, 1.0 - decay)
-
-
-def train_vae(recipe: Recipe, crops: PhotoCrops, rng: np.random.Generator, log=print):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(recipe.seed)
-    vae = AutoencoderKL(**vae_config(recipe.size))
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, recipe.vae_lr, total_steps=recipe.vae_steps, pct_start=0.05
-    )
-    vae.train()
-    for step in range(recipe.vae_steps):
-        x = torch.from_numpy(crops.sample(recipe.vae_batch, rng)[0])
-        posterior = vae.encode(x).latent_dist
-        rec = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + recipe.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == recipe.vae_steps - 1:
-            log(f"vae step {step:5d} loss {loss.item():.4f} {time.perf_counter():.0f}s")
-    return vae.eval()
-
-
-def finetune_decoder(recipe: Recipe, vae, crops: PhotoCrops, log=print):
-    """More decoder steps with the encoder frozen: sharper reconstructions, same latents (the UNet stays valid)."""
-    rng = np.random.default_rng(recipe.seed + 3)
-    torch.manual_seed(recipe.seed + 3)
-    vae.requires_grad_(False)
-    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, recipe.decoder_lr, total_steps=max(recipe.decoder_steps, 1), pct_start=0.05
-    )
-    vae.decoder.train()
-    for step in range(recipe.decoder_steps):
-        x = torch.from_numpy(crops.sample(recipe.vae_batch, rng)[0])
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample()
-        rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == recipe.decoder_steps - 1:
-            log(f"decoder step {step:5d} loss {loss.item():.4f} {time.perf_counter():.0f}s")
-    return vae.eval()
-
-
-@torch.no_grad()
-def _encode_crops(vae, crops: PhotoCrops, n: int, rng: np.random.Generator):
-    """Posterior means/stds of ``n`` random crops, and their captions (the UNet's fixed training set)."""
-    means, stds, captions = [], [], []
-    for start in range(0, n, 64):
-        x, c = crops.sample(min(64, n - start), rng)
-        dist = vae.encode(torch.from_numpy(x)).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
-        captions += c
-    return torch.cat(means), torch.cat(stds), captions
-
-
-@torch.no_grad()
-def _text_embeddings(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    return text_encoder(ids.input_ids)[0]
-
-
-def train_unet(recipe: Recipe, vae, tokenizer, text_encoder, scheduler, crops: PhotoCrops, rng, log=print):
-    from diffusers import UNet2DConditionModel
-
-    means, stds, captions = _encode_crops(vae, crops, recipe.latent_crops, rng)
-    # SD sets scaling_factor so that scaled latents have unit variance (0.18215 for its VAE).
-    scaling = float(1.0 / (means + stds * torch.randn_like(stds)).std())
-    vae.register_to_config(scaling_factor=scaling)
-    prompts = sorted(set(captions))
-    table = _text_embeddings(tokenizer, text_encoder, ["", *prompts])
-    caption_idx = torch.tensor([1 + prompts.index(c) for c in captions])
-
-    torch.manual_seed(recipe.seed + 1)
-    unet = UNet2DConditionModel(**unet_config(recipe.size))
-    params = list(unet.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, recipe.unet_lr, total_steps=recipe.unet_steps, pct_start=0.05
-    )
-    gen = torch.Generator().manual_seed(recipe.seed + 2)
-    num_t = scheduler.config.num_train_timesteps
-    unet.train()
-    for step in range(recipe.unet_steps):
-        idx = torch.randint(0, len(means), (recipe.unet_batch,), generator=gen)
-        latents = (means[idx] + stds[idx] * torch.randn(stds[idx].shape, generator=gen)) * scaling
-        cond = caption_idx[idx].clone()
-        cond[torch.rand(len(idx), generator=gen) < recipe.empty_prompt_prob] = 0
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, num_t, (len(idx),), generator=gen)
-        pred = unet(scheduler.add_noise(latents, noise, t), t, table[cond]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        _ema_update(ema, params, recipe.ema_decay if step > 100 else 0.0)
-        if step % 100 == 0 or step == recipe.unet_steps - 1:
-            log(f"unet step {step:5d} loss {loss.item():.4f} {time.perf_counter():.0f}s")
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
-    return unet.eval()
+ASSET_SDXL = Path(__file__).parent / "assets" / "tiny_sdxl_photos"
 
 
 def _components(recipe: Recipe, tmp: Path):
@@ -223,6 +60,9 @@ def _components(recipe: Recipe, tmp: Path):
     tokenizer = CLIPTokenizer.from_pretrained(tmp / "_tok")
     torch.manual_seed(recipe.seed)
     text_encoder = _text_encoder(len(tokenizer), TEXT_HIDDEN, with_projection=False).eval()
+    text_encoder_2 = None
+    if recipe.layout == "sdxl":  # SDXL's second encoder: with the projection whose output is pooled
+        text_encoder_2 = _text_encoder(len(tokenizer), TEXT_HIDDEN, with_projection=True).eval()
     # SD 1.5's training schedule (scheduler_config.json of the released model), as build_tiny_base.
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
@@ -233,14 +73,55 @@ def _components(recipe: Recipe, tmp: Path):
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return tokenizer, text_encoder, scheduler
+    return tokenizer, text_encoder, text_encoder_2, scheduler
+
+
+def _train(recipe: Recipe, tmp: Path, log, loss_log: dict[int, float], stop_after: int | None = None):
+    """The recipe's components, trained (``stop_after``: only that many UNet steps, no decoder fine-tune)."""
+    from diffusers import AutoencoderKL
+
+    rng = np.random.default_rng(recipe.seed)
+    crops = PhotoCrops(TRAIN_PHOTOS, recipe.size)
+    tokenizer, text_encoder, text_encoder_2, scheduler = _components(recipe, tmp)
+    seconds = {}
+    t0 = time.perf_counter()
+    if recipe.vae_from:
+        vae = AutoencoderKL.from_pretrained(_vae_folder(recipe.vae_from), subfolder="vae").eval()
+    else:
+        vae = train_vae(recipe, crops, rng, log)
+    t1 = time.perf_counter()
+    unet = train_unet(
+        recipe, vae, tokenizer, text_encoder, scheduler, crops, rng, log, text_encoder_2, loss_log, stop_after
+    )
+    t2 = time.perf_counter()
+    if not recipe.vae_from and stop_after is None:
+        vae = finetune_decoder(recipe, vae, crops, log)
+    seconds = {
+        "vae": round(t1 - t0, 1),
+        "unet": round(t2 - t1, 1),
+        "decoder": round(time.perf_counter() - t2, 1),
+    }
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    if text_encoder_2 is not None:
+        parts.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer)
+    return parts, seconds
+
+
+def _vae_folder(vae_from: str) -> Path:
+    """``vae_from`` as given, or relative to the folder holding the ``brushnet`` package (what a shipped
+    ``recipe.json`` records: ``brushnet/testing/assets/...``, valid from any working directory)."""
+    path = Path(vae_from)
+    if path.is_absolute() or path.exists():
+        return path
+    return Path(__file__).resolve().parents[2] / path
 
 
 def pretrain(out: str | os.PathLike, recipe: Recipe | None = None, log=print) -> Path:
     """Train the tiny base and save it (atomically) as a diffusers pipeline folder at ``out``."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     recipe = recipe or Recipe()
+    unet_config(recipe.size, recipe.layout)  # an unknown layout fails before anything is written
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; refusing to overwrite a base model folder")
@@ -249,26 +130,14 @@ def pretrain(out: str | os.PathLike, recipe: Recipe | None = None, log=print) ->
     torch.set_num_threads(recipe.threads)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
-        rng = np.random.default_rng(recipe.seed)
-        crops = PhotoCrops(TRAIN_PHOTOS, recipe.size)
-        tokenizer, text_encoder, scheduler = _components(recipe, tmp)
-        t0 = time.perf_counter()
-        vae = train_vae(recipe, crops, rng, log)
-        t1 = time.perf_counter()
-        unet = train_unet(recipe, vae, tokenizer, text_encoder, scheduler, crops, rng, log)
-        t2 = time.perf_counter()
-        vae = finetune_decoder(recipe, vae, crops, log)
-        t3 = time.perf_counter()
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        loss_log: dict[int, float] = {}
+        parts, seconds = _train(recipe, tmp, log, loss_log)
+        if "text_encoder_2" in parts:
+            pipe = StableDiffusionXLPipeline(**parts)
+        else:
+            pipe = StableDiffusionPipeline(
+                **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
         pipe.save_pretrained(tmp / "base")
         store_weights_fp16(tmp / "base")
         quality = evaluate(tmp / "base", size=recipe.size)
@@ -276,9 +145,10 @@ def pretrain(out: str | os.PathLike, recipe: Recipe | None = None, log=print) ->
             "recipe": asdict(recipe),
             "train_photos": list(TRAIN_PHOTOS),
             "held_out_photos": list(HELD_OUT_PHOTOS),
-            "seconds": {"vae": round(t1 - t0, 1), "unet": round(t2 - t1, 1), "decoder": round(t3 - t2, 1)},
+            "seconds": seconds,
             "torch": torch.__version__,
             "quality": quality,
+            "unet_loss_log": {str(k): v for k, v in loss_log.items()},
         }
         (tmp / "base" / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp / "base", out)
@@ -286,6 +156,35 @@ def pretrain(out: str | os.PathLike, recipe: Recipe | None = None, log=print) ->
         shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(previous_threads)
     return out
+
+
+# Relative tolerance of a rerun loss against the recorded one: on the machine that made a base the rerun is
+# bit-exact; another CPU's kernels may round differently, while a changed recipe moves losses by >10 %.
+VERIFY_RTOL = 0.02
+
+
+def verify(folder: str | os.PathLike, unet_steps: int = 300, log=print) -> list[str]:
+    """Rerun the recipe ``folder/recipe.json`` records for its first ``unet_steps`` UNet steps (after the
+    whole VAE stage) and compare the losses with its ``unet_loss_log``; returns the mismatches (none: the
+    code still makes this base)."""
+    info = json.loads((Path(folder) / "recipe.json").read_text())
+    if "unet_loss_log" not in info:
+        return [f"{folder}/recipe.json records no unet_loss_log (made before it was recorded)"]
+    recipe = Recipe(**info["recipe"])
+    recorded = {int(k): v for k, v in info["unet_loss_log"].items() if int(k) < unet_steps}
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    got: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            _train(recipe, Path(tmp), log, got, stop_after=unet_steps)
+        finally:
+            torch.set_num_threads(previous_threads)
+    return [
+        f"unet step {step}: loss {got.get(step)} but recorded {want:.6f}"
+        for step, want in sorted(recorded.items())
+        if step not in got or abs(got[step] - want) > VERIFY_RTOL * abs(want)
+    ]
 
 
 def store_weights_fp16(folder: Path) -> None:
@@ -298,14 +197,19 @@ def store_weights_fp16(folder: Path) -> None:
         save_file({k: v.half().contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
 
 
-def pretrained_tiny_base() -> Path:
-    """The shipped tiny generating base (diffusers folder), made by ``pretrain`` with the default recipe."""
-    if not (ASSET / "model_index.json").is_file():
+def pretrained_tiny_base(layout: str = "sd15") -> Path:
+    """The shipped tiny generating base (diffusers folder) of ``layout``, made by ``pretrain`` with the
+    recipe its ``recipe.json`` records (SD 1.5: the default one)."""
+    folder = {"sd15": ASSET, "sdxl": ASSET_SDXL}.get(layout)
+    if folder is None:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if not (folder / "model_index.json").is_file():
+        how = "" if layout == "sd15" else f" --layout sdxl --vae-from {ASSET}"
         raise FileNotFoundError(
-            f"the shipped tiny base {ASSET} is missing; rebuild it with "
-            f"`python -m brushnet.testing.tiny_base pretrain --out {ASSET}`"
+            f"the shipped tiny base {folder} is missing; rebuild it with "
+            f"`python -m brushnet.testing.tiny_base pretrain --out {folder}{how}`"
         )
-    return ASSET
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,13 +220,26 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pretrain", help="train a tiny base from photos and save it as a diffusers folder")
     p.add_argument("--out", type=Path, required=True, help="the new folder (must not exist)")
     for field, value in asdict(Recipe()).items():
-        p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        choices = LAYOUTS if field == "layout" else None
+        p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value, choices=choices)
     e = sub.add_parser("evaluate", help="print the quality numbers of a base folder as JSON")
     e.add_argument("folder", type=Path, nargs="?", default=ASSET)
+    v = sub.add_parser(
+        "verify", help="rerun the first UNet steps of a folder's recipe; exit 1 if they differ"
+    )
+    v.add_argument("folder", type=Path)
+    v.add_argument("--unet-steps", type=int, default=300)
     args = parser.parse_args(argv)
     if args.command == "evaluate":
         print(json.dumps(evaluate(args.folder), indent=2))
         return 0
+    if args.command == "verify":
+        problems = verify(args.folder, args.unet_steps)
+        for line in problems:
+            print(f"tiny_base verify: {line}", file=sys.stderr)
+        if not problems:
+            print(f"{args.folder}: the first {args.unet_steps} UNet steps reproduce the recorded losses")
+        return 1 if problems else 0
     recipe = Recipe(**{f: getattr(args, f) for f in asdict(Recipe())})
     folder = pretrain(args.out, recipe)
     print((folder / "recipe.json").read_text())

@@ -1,5 +1,6 @@
-"""The shipped tiny generating base: it loads the way the trainer loads a base, its VAE reconstructs held-out
-photos, its samples look like photo crops rather than noise, and the recipe still makes a model as good."""
+"""The shipped tiny generating bases (SD 1.5 and SDXL layout): they load the way the trainer loads a base, the
+VAE reconstructs held-out photos, samples look like photo crops rather than noise, and the recipe still makes a
+model as good (SD 1.5: rerun whole; SDXL: its first UNet steps reproduce the recorded losses)."""
 
 from __future__ import annotations
 
@@ -12,41 +13,65 @@ import PIL.Image
 import pytest
 import torch
 
+from brushnet.conditioning import check_sdxl_unet_fits
 from brushnet.loading import load_base_components
 from brushnet.testing.base_quality import sample_images, vae_held_out_psnr
 from brushnet.testing.photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops, image_statistics
-from brushnet.testing.tiny_base import ASSET, pretrained_tiny_base
+from brushnet.testing.tiny_base import ASSET, ASSET_SDXL, pretrained_tiny_base
 
 # Gaussian noise has roughness ~1.13 (neighbour differences of i.i.d. pixels); photo crops are far below.
 MAX_SAMPLE_ROUGHNESS = 0.5
 MIN_VAE_PSNR_DB = 17.5  # the shipped base: 18.8 dB on 64 held-out crops (recipe.json)
 
 
-def test_shipped_base_is_small_and_records_its_recipe():
-    folder = pretrained_tiny_base()
+LAYOUTS = ("sd15", "sdxl")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shipped_base_is_small_and_records_its_recipe(layout):
+    folder = pretrained_tiny_base(layout)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    assert size < 12e6, f"{size / 1e6:.1f} MB"
+    # SDXL: + text_encoder_2 and tokenizer_2 (the tokenizer, text encoder and VAE are the SD 1.5 base's bytes)
+    assert size < (12e6 if layout == "sd15" else 20e6), f"{size / 1e6:.1f} MB"
     info = json.loads((folder / "recipe.json").read_text())
-    assert info["recipe"]["seed"] == 0
+    assert info["recipe"]["seed"] == 0 and info["recipe"]["layout"] == layout
     assert set(info["held_out_photos"]).isdisjoint(info["train_photos"])
     assert info["held_out_photos"] == list(HELD_OUT_PHOTOS) and info["train_photos"] == list(TRAIN_PHOTOS)
 
 
-def test_shipped_base_loads_like_any_base():
-    parts = load_base_components(pretrained_tiny_base())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shipped_base_loads_like_any_base(layout):
+    parts = load_base_components(pretrained_tiny_base(layout))
     assert len(parts.tokenizer) == 49408  # the real CLIP BPE vocabulary
-    assert parts.unet.config.cross_attention_dim == parts.text_encoder.config.hidden_size
     assert parts.unet.config.in_channels == parts.vae.config.latent_channels == 4
     assert "CrossAttnDownBlock2D" in parts.unet.config.down_block_types
     assert parts.unet.dtype == parts.vae.dtype == parts.text_encoder.dtype == torch.float32
+    if layout == "sd15":
+        assert parts.unet.config.cross_attention_dim == parts.text_encoder.config.hidden_size
+        assert parts.text_encoder_2 is None
+        return
+    # SDXL: both encoders' hidden states, the pooled projection + 6 time ids in the added embedding
+    hidden = parts.text_encoder.config.hidden_size + parts.text_encoder_2.config.hidden_size
+    assert parts.unet.config.cross_attention_dim == hidden and len(parts.tokenizer_2) == 49408
+    assert parts.unet.config.addition_embed_type == "text_time"
+    assert parts.unet.config.down_block_types[0] == "DownBlock2D"
+    check_sdxl_unet_fits(parts.unet, parts.text_encoder_2)
+
+
+def test_sdxl_base_reuses_the_sd15_base_vae_and_text_encoder():
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (ASSET_SDXL / part).read_bytes() == (ASSET / part).read_bytes(), part
+    recipe = json.loads((ASSET_SDXL / "recipe.json").read_text())["recipe"]
+    assert recipe["vae_from"] == "brushnet/testing/assets/tiny_sd15_photos"
 
 
 def test_vae_reconstructs_held_out_photos():
     assert vae_held_out_psnr(ASSET, n=16) > MIN_VAE_PSNR_DB
 
 
-def test_samples_look_like_photo_crops_not_noise():
-    samples = sample_images(ASSET, n=4, steps=10)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_samples_look_like_photo_crops_not_noise(layout):
+    samples = sample_images(pretrained_tiny_base(layout), n=4, steps=10)
     stats = image_statistics(samples)
     photos = image_statistics(PhotoCrops(TRAIN_PHOTOS, 64).sample(64, np.random.default_rng(1))[0])
     noise = image_statistics(np.random.default_rng(0).normal(0, photos["std"], samples.shape).clip(-1, 1))
@@ -62,6 +87,39 @@ def test_missing_asset_names_the_rebuild_command(monkeypatch, tmp_path):
     monkeypatch.setattr(tiny_base, "ASSET", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="tiny_base pretrain --out"):
         tiny_base.pretrained_tiny_base()
+    monkeypatch.setattr(tiny_base, "ASSET_SDXL", tmp_path / "absent_xl")
+    with pytest.raises(FileNotFoundError, match="--layout sdxl --vae-from"):
+        tiny_base.pretrained_tiny_base("sdxl")
+    with pytest.raises(ValueError, match="unknown layout 'sd3'"):
+        tiny_base.pretrained_tiny_base("sd3")
+
+
+def _tiny_base_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "brushnet.testing.tiny_base", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_verify_passes_on_an_unchanged_recipe_and_names_the_step_that_differs(tmp_path):
+    """A short SDXL recipe (reusing the shipped VAE) made here, then verified as made and with its recorded
+    losses tampered with."""
+    folder = tmp_path / "xl"
+    short = ["--layout", "sdxl", "--vae-from", str(ASSET), "--unet-steps", "30", "--latent-crops", "64"]
+    made = _tiny_base_cli("pretrain", "--out", str(folder), *short)
+    assert made.returncode == 0, made.stderr[-3000:]
+    info = json.loads((folder / "recipe.json").read_text())
+    assert sorted(info["unet_loss_log"], key=int) == ["0", "29"]  # every 100th step and the last
+    load_base_components(folder)  # a loadable SDXL folder
+    ok = _tiny_base_cli("verify", str(folder), "--unet-steps", "30")
+    assert ok.returncode == 0 and "reproduce the recorded losses" in ok.stdout, ok.stderr[-3000:]
+    info["unet_loss_log"]["29"] *= 1.5
+    (folder / "recipe.json").write_text(json.dumps(info))
+    bad = _tiny_base_cli("verify", str(folder), "--unet-steps", "30")
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("tiny_base verify:")]
+    assert bad.returncode == 1 and len(errors) == 1 and "unet step 29" in errors[0], bad.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -86,6 +144,15 @@ def test_recipe_reproduces_a_model_of_the_same_quality(tmp_path):
     load_base_components(out)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # the VAE is reused: latents of 16,384 crops + 300 UNet steps, ~3 min
+def test_sdxl_recipe_still_reproduces_its_first_unet_steps():
+    """The whole SDXL recipe (~16 min) does not fit CI next to the SD 1.5 one (~40 min); its first 300 UNet
+    steps from the recorded recipe must give the recorded losses."""
+    done = _tiny_base_cli("verify", str(ASSET_SDXL), "--unet-steps", "300", timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_base_figure_writes_three_rows_of_upscaled_panels(tmp_path):
     out = tmp_path / "base.png"
     done = subprocess.run(
@@ -102,11 +169,13 @@ def test_base_figure_writes_three_rows_of_upscaled_panels(tmp_path):
     assert np.abs(crops - reconstructions).mean() < np.abs(crops - crops[:, ::-1]).mean()
 
 
-def test_unet_held_out_loss_is_the_recorded_one_and_far_below_a_zero_prediction():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unet_held_out_loss_is_the_recorded_one_and_far_below_a_zero_prediction(layout):
     from brushnet.testing.base_quality import unet_held_out_loss
 
-    loss = unet_held_out_loss(ASSET)
-    recorded = json.loads((ASSET / "recipe.json").read_text())["quality"]["unet_held_out_loss"]
+    folder = pretrained_tiny_base(layout)
+    loss = unet_held_out_loss(folder)
+    recorded = json.loads((folder / "recipe.json").read_text())["quality"]["unet_held_out_loss"]
     assert abs(loss - recorded) < 1e-3, (loss, recorded)
     assert loss < 0.5  # predicting zero noise scores 1.0 (unit-variance noise)
 

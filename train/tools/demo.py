@@ -1,7 +1,7 @@
 """``make demo``: the whole training path offline on CPU in a few minutes, and a measured result.
 
-1. the base: the shipped tiny base trained on photographs (``brushnet.testing.tiny_base``), or ``--base`` (``make
-   demo BASE=<hub id or folder>``), resolved before anything is written;
+1. the base: the shipped tiny base trained on photographs (``brushnet.testing.tiny_base``; SD 1.5 layout, or SDXL's
+   with ``--tiny sdxl``), or ``--base`` (``make demo BASE=<hub id or folder>``), resolved before anything is written;
 2. a small BrushData set of 256 random crops (several scales, flips) of the ``skimage.data`` training
    photographs with classical masks (:mod:`train.tools.demo_data`; ``make data`` shows the data pipeline
    itself);
@@ -9,8 +9,8 @@
    folder ``<out>/runs/NNN`` (or the newest unfinished one, which it resumes): checkpoints, exports, grids;
 4. on crops of held-out photos (in neither the base's nor the branch's training set), the PSNR / MSE inside the
    hole of base + trained branch against the base alone (zero branch) and the untrained branch (and the same
-   on new crops of the training photos), saved as ``<run>/results.json``; then a summary with a resume
-   command and a quick ``brushnet inpaint`` command.
+   on new crops of the training photos), next to two fills without a model (mean colour, biharmonic), saved as
+   ``<run>/results.json``; then a summary with a resume command and a quick ``brushnet inpaint`` command.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ TINY_CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 BIN = Path(sys.executable).parent
 
 
-def resolve_base(base: str | None) -> str:
-    """A local folder for the base; a bad ``--base`` fails here, before any run folder is touched."""
+def resolve_base(base: str | None, tiny: str = "sd15") -> str:
+    """A local folder for the base (without ``base``: the shipped tiny base of layout ``tiny``); a bad
+    ``--base`` fails here, before any run folder is touched."""
     if not base:
         from brushnet.testing.tiny_base import pretrained_tiny_base
 
-        return str(pretrained_tiny_base())
+        return str(pretrained_tiny_base(tiny))
     from brushnet.loading import resolve_pretrained
 
     return str(resolve_pretrained(base))
@@ -307,10 +308,19 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("demo"), help="where everything goes (default: demo/)"
+        "--out",
+        type=Path,
+        default=None,
+        help="where everything goes (default: demo/, demo/sdxl/ for --tiny sdxl)",
     )
     parser.add_argument(
         "--base", default=os.environ.get("BASE") or None, help="hub id or folder of a real base"
+    )
+    parser.add_argument(
+        "--tiny",
+        choices=("sd15", "sdxl"),
+        default="sd15",
+        help="without --base: the shipped tiny base of this layout (make demo FAMILY=sdxl)",
     )
     parser.add_argument(
         "--run", type=Path, default=None, help="run folder to resume or start (default: see above)"
@@ -355,11 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     from brushnet.loading import BaseModelError
 
     try:
-        base = resolve_base(args.base)
+        base = resolve_base(args.base, args.tiny)
     except (BaseModelError, FileNotFoundError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
-    out = args.out.resolve()
+    out = (args.out or Path("demo" if args.base or args.tiny == "sd15" else "demo/sdxl")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = choose_run(out, args.run, args.new)
     resolution = args.resolution or (512 if args.base else 64)
