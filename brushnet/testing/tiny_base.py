@@ -83,7 +83,6 @@ def _train(recipe: Recipe, tmp: Path, log, loss_log: dict[int, float], stop_afte
     rng = np.random.default_rng(recipe.seed)
     crops = PhotoCrops(TRAIN_PHOTOS, recipe.size)
     tokenizer, text_encoder, text_encoder_2, scheduler = _components(recipe, tmp)
-    seconds = {}
     t0 = time.perf_counter()
     if recipe.vae_from:
         vae = AutoencoderKL.from_pretrained(_vae_folder(recipe.vae_from), subfolder="vae").eval()
@@ -167,10 +166,14 @@ def verify(folder: str | os.PathLike, unet_steps: int = 300, log=print) -> list[
     """Rerun the recipe ``folder/recipe.json`` records for its first ``unet_steps`` UNet steps (after the
     whole VAE stage) and compare the losses with its ``unet_loss_log``; returns the mismatches (none: the
     code still makes this base)."""
-    info = json.loads((Path(folder) / "recipe.json").read_text())
+    path = Path(folder) / "recipe.json"
+    try:
+        info = json.loads(path.read_text())
+        recipe = Recipe(**info["recipe"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{path}: not a tiny base recipe ({type(e).__name__}: {e})"]
     if "unet_loss_log" not in info:
-        return [f"{folder}/recipe.json records no unet_loss_log (made before it was recorded)"]
-    recipe = Recipe(**info["recipe"])
+        return [f"{path} records no unet_loss_log (made before it was recorded)"]
     recorded = {int(k): v for k, v in info["unet_loss_log"].items() if int(k) < unet_steps}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
