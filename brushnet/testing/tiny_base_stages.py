@@ -59,18 +59,21 @@ def unet_config(size: int, layout: str = "sd15") -> dict:
     """SD 1.5's block pattern (cross-attention down blocks, plain innermost down block) at tiny widths; or
     SDXL's (plain outermost block, attention in the inner ones, linear projections, ``text_time`` added
     embedding of the pooled text embeds and 6 time ids: diffusers' SDXL ``unet/config.json``)."""
+    common = dict(
+        sample_size=size // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
     if layout == "sdxl":
         return dict(
-            sample_size=size // 4,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64, 64),
+            common,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=2 * TEXT_HIDDEN,  # both encoders' hidden states, concatenated
-            attention_head_dim=8,
-            norm_num_groups=16,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
@@ -79,16 +82,10 @@ def unet_config(size: int, layout: str = "sd15") -> dict:
     if layout != "sd15":
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     return dict(
-        sample_size=size // 4,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64, 64),
+        common,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=8,
-        norm_num_groups=16,
     )
 
 
