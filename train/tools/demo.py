@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("extra", nargs="*", help="more LightningCLI arguments, e.g. --trainer.max_steps=50")
     args = parser.parse_args(argv)
+    if args.eval_samples < 1:
+        parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     # The tiny model's ops are far too small to gain from intra-op parallelism: with torch's default (one
