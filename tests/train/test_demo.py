@@ -17,7 +17,8 @@ import pytest
 
 from brushnet.masks import blurred_blend
 from brushnet.testing.heldout import HeldOutCase
-from train.tools.demo import choose_run, comparison_figure
+from train.tools.demo import choose_run
+from train.tools.demo_scores import comparison_figure
 from train.validation import validation_grid
 
 # Held-out masked-region PSNR gain of base + trained branch over the base alone (same pipeline and seeds,
