@@ -165,15 +165,15 @@ VERIFY_RTOL = 0.02
 def verify(folder: str | os.PathLike, unet_steps: int = 300, log=print) -> list[str]:
     """Rerun the recipe ``folder/recipe.json`` records for its first ``unet_steps`` UNet steps (after the
     whole VAE stage) and compare the losses with its ``unet_loss_log``; returns the mismatches (none: the
-    code still makes this base)."""
+    code still makes this base). A folder without such a record raises ``ValueError``."""
     path = Path(folder) / "recipe.json"
     try:
         info = json.loads(path.read_text())
         recipe = Recipe(**info["recipe"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{path}: not a tiny base recipe ({type(e).__name__}: {e})"]
+        raise ValueError(f"{path}: not a tiny base recipe ({type(e).__name__}: {e})") from None
     if "unet_loss_log" not in info:
-        return [f"{path} records no unet_loss_log (made before it was recorded)"]
+        raise ValueError(f"{path} records no unet_loss_log (made before it was recorded)")
     recorded = {int(k): v for k, v in info["unet_loss_log"].items() if int(k) < unet_steps}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
@@ -237,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(evaluate(args.folder), indent=2))
         return 0
     if args.command == "verify":
-        problems = verify(args.folder, args.unet_steps)
+        try:
+            problems = verify(args.folder, args.unet_steps)
+        except ValueError as e:
+            print(f"tiny_base verify: error: {e}", file=sys.stderr)
+            return 2
         for line in problems:
             print(f"tiny_base verify: {line}", file=sys.stderr)
         if not problems:

@@ -122,10 +122,14 @@ def test_verify_passes_on_an_unchanged_recipe_and_names_the_step_that_differs(tm
     assert bad.returncode == 1 and len(errors) == 1 and "unet step 29" in errors[0], bad.stderr[-3000:]
 
 
-def test_verify_of_a_folder_without_a_recipe_is_one_line(tmp_path):
+def test_verify_of_a_folder_without_a_recipe_is_one_line_and_exit_2(tmp_path):
     done = _tiny_base_cli("verify", str(tmp_path))
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1].startswith(f"tiny_base verify: {tmp_path}/recipe.json: not a")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"tiny_base verify: error: {tmp_path}/recipe.json: not a tiny base recipe"), line
+    (tmp_path / "recipe.json").write_text(json.dumps({"recipe": {}}))  # made before losses were recorded
+    done = _tiny_base_cli("verify", str(tmp_path))
+    assert done.returncode == 2 and "records no unet_loss_log" in done.stderr, done.stderr[-3000:]
 
 
 @pytest.mark.slow
